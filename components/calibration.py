@@ -1,0 +1,303 @@
+"""Decision thresholds and score normalisation fitted without real defects.
+
+Inputs are scores of held-out NORMAL training images (never seen by the memory bank) and, optionally,
+scores of SYNTHETIC anomaly images made from held-out normals, standing in for defects. anomalib's
+adaptive threshold degenerates (flags everything) when no defective validation images exist (its
+issues #2433, #3357); this rule stays sensible with or without synthetics.
+
+Threshold rule (same at image and pixel level)
+----------------------------------------------
+1. Normal bound ``B`` -- a conservative estimate of the ``q`` quantile of normal scores
+   (``q = normal_quantile``). Tail quantiles from a few dozen or hundred held-out normals are noisy and
+   biased low (in one draw of 200 Gaussian scores the empirical 0.99 quantile sat at the true 0.966
+   quantile and flagged 3.4% of fresh normals), so ``B`` is the larger of the empirical quantile and
+   the Gaussian estimate ``mean + z_q * std`` (``z_q`` the standard-normal quantile, 2.33 at 0.99;
+   ``std`` with ddof=1). The Gaussian term steadies near-normal score distributions; the empirical
+   one takes over for right-skewed ones. With fewer than ``1/(1-q)`` normals (100 at q=0.99) the
+   quantile lies beyond the data, so ``B`` is also at least ``max(normal)``. A single normal gives
+   ``B`` = its score.
+
+2. No synthetic scores (``None`` or empty): ``threshold = B`` (method ``"normal_only"``): about
+   ``1 - q`` of normals are flagged, never all of them.
+
+3. With synthetics: take the F1-max cut ``c`` between normals (negatives) and synthetics
+   (positives). Every threshold in ``(b, c]`` gives that F1, ``b`` being the next lower distinct
+   score. With ``lower = max(b, B)``:
+
+   * ``lower < c``: ``threshold = (lower + c) / 2`` -- the middle of the admissible gap rather than its
+     edge at the lowest flagged synthetic, so real defects a little weaker than the synthetics are still
+     caught, and normals a little stronger than the held-out ones are not flagged. Method
+     ``"separated"`` when max(normal) < min(synthetic), else ``"f1"``.
+   * ``lower >= c``: ``threshold = B`` (method ``"normal_bound"``): the F1 cut would flag more than
+     ``1 - q`` of normals (heavy overlap, or a generator whose anomalies score like normals), and
+     flagging good parts is the failure we guard against, so the normal bound wins.
+
+Pixel thresholds use the same rule with per-pixel scores: negatives are all normal-image pixels plus
+unmasked synthetic pixels, positives the masked synthetic pixels. Their quantile defaults to 0.999
+(``pixel_quantile``): at 0.99 every normal 256x256 map would show ~650 flagged pixels. Pixel inputs are
+randomly subsampled (fixed seed) to ``max_pixels`` per group to bound time and memory.
+
+Normalisation maps raw scores piecewise-linearly to [0, 1] with the threshold at exactly 0.5:
+``[lo, threshold] -> [0, 0.5]``, ``[threshold, hi] -> [0.5, 1]``, clipped, where ``lo``/``hi`` are the
+min/max of all calibration scores. Without synthetics ``hi`` is at least ``2 * threshold - lo``
+(symmetric) so that scores above the threshold do not all saturate at 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy.stats import norm
+
+from components.metrics import f1_curve
+
+__all__ = ["Calibration", "LevelCalibration", "fit_calibration", "fit_level", "normal_bound"]
+
+PROFILE_QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999)
+
+
+@dataclass(frozen=True)
+class LevelCalibration:
+    """Threshold, normalisation anchors and normal-score profile for one level (image or pixel)."""
+
+    threshold: float
+    score_min: float
+    score_max: float
+    method: str
+    normal_bound: float
+    quantile: float
+    normal_mean: float
+    normal_std: float
+    normal_quantiles: dict[str, float] = field(default_factory=dict)
+    n_normal: int = 0
+    n_synthetic: int = 0
+    f1: float | None = None  # F1 of the threshold on normals vs synthetics, if any
+
+    def normalize(self, scores: np.ndarray | float) -> np.ndarray | float:
+        """Map raw scores to [0, 1], threshold -> 0.5, monotonic, piecewise linear, clipped."""
+        xp = [self.score_min, self.threshold, self.score_max]
+        out = np.interp(np.asarray(scores, dtype=np.float64), xp, [0.0, 0.5, 1.0])
+        return float(out) if np.ndim(scores) == 0 else out
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Image-level calibration plus an optional pixel-level one (for segmentation masks)."""
+
+    image: LevelCalibration
+    pixel: LevelCalibration | None = None
+
+    @property
+    def threshold(self) -> float:
+        return self.image.threshold
+
+    @property
+    def score_min(self) -> float:
+        return self.image.score_min
+
+    @property
+    def score_max(self) -> float:
+        return self.image.score_max
+
+    @property
+    def normal_quantiles(self) -> dict[str, float]:
+        return self.image.normal_quantiles
+
+    @property
+    def pixel_threshold(self) -> float | None:
+        return None if self.pixel is None else self.pixel.threshold
+
+    @property
+    def pixel_min(self) -> float | None:
+        return None if self.pixel is None else self.pixel.score_min
+
+    @property
+    def pixel_max(self) -> float | None:
+        return None if self.pixel is None else self.pixel.score_max
+
+    def normalize(self, scores: np.ndarray | float) -> np.ndarray | float:
+        """Normalise image scores (threshold -> 0.5)."""
+        return self.image.normalize(scores)
+
+    def normalize_pixels(self, maps: np.ndarray | float) -> np.ndarray | float:
+        """Normalise anomaly maps with the pixel calibration (pixel threshold -> 0.5)."""
+        if self.pixel is None:
+            raise ValueError("no pixel calibration: fit_calibration got no normal_pixel_scores")
+        return self.pixel.normalize(maps)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (finite Python floats, ints, strings and None only)."""
+        return {
+            "version": 1,
+            "image": _level_to_dict(self.image),
+            "pixel": None if self.pixel is None else _level_to_dict(self.pixel),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Calibration:
+        if data.get("version", 1) != 1:
+            raise ValueError(f"unsupported calibration version {data.get('version')!r}")
+        pixel = data.get("pixel")
+        return cls(
+            image=_level_from_dict(data["image"]),
+            pixel=None if pixel is None else _level_from_dict(pixel),
+        )
+
+
+def _level_to_dict(level: LevelCalibration) -> dict[str, Any]:
+    out = asdict(level)
+    for key, value in out.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"calibration field {key} is not finite: {value}")
+    return out
+
+
+def _level_from_dict(data: dict[str, Any]) -> LevelCalibration:
+    data = dict(data)
+    data["normal_quantiles"] = {str(k): float(v) for k, v in data.get("normal_quantiles", {}).items()}
+    for key in (
+        "threshold",
+        "score_min",
+        "score_max",
+        "normal_bound",
+        "quantile",
+        "normal_mean",
+        "normal_std",
+    ):
+        data[key] = float(data[key])
+    data["f1"] = None if data.get("f1") is None else float(data["f1"])
+    return LevelCalibration(**data)
+
+
+# --------------------------------------------------------------------------- fitting
+
+
+def _finite_1d(values: Any, what: str) -> np.ndarray:
+    arr = np.asarray(values, dtype=np.float64).ravel()
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{what} contain NaN or infinite values")
+    return arr
+
+
+def normal_bound(normal: np.ndarray, quantile: float) -> float:
+    """Conservative estimate of the ``quantile`` of normal scores (module doc, step 1)."""
+    normal = np.asarray(normal, dtype=np.float64).ravel()
+    if normal.size == 1:
+        return float(normal[0])
+    candidates = [np.quantile(normal, quantile), normal.mean() + norm.ppf(quantile) * normal.std(ddof=1)]
+    if normal.size < math.ceil(1.0 / (1.0 - quantile) - 1e-9):
+        candidates.append(normal.max())
+    return float(max(candidates))
+
+
+def _anchors(threshold: float, lo: float, hi: float, symmetric_min: bool) -> tuple[float, float]:
+    """Normalisation anchors with lo < threshold < hi."""
+    below, above = threshold - lo, hi - threshold
+    if symmetric_min:
+        above = max(above, below)
+    if below <= 0 and above <= 0:
+        below = above = max(abs(threshold), 1e-6)
+    below = below if below > 0 else above
+    above = above if above > 0 else below
+    return threshold - below, threshold + above
+
+
+def _f1_gap(normal: np.ndarray, synthetic: np.ndarray, bound: float) -> tuple[float, str]:
+    labels = np.concatenate([np.zeros(normal.size, bool), np.ones(synthetic.size, bool)])
+    thresholds, f1 = f1_curve(labels, np.concatenate([normal, synthetic]))
+    best = int(np.argmax(f1))  # thresholds descend, so ties pick the highest cut
+    cut = thresholds[best]
+    below = thresholds[best + 1] if best + 1 < thresholds.size else -np.inf
+    lower = max(below, bound)
+    if lower >= cut:
+        return bound, "normal_bound"
+    method = "separated" if normal.max() < synthetic.min() else "f1"
+    return float((lower + cut) / 2.0), method
+
+
+def fit_level(
+    normal: Any,
+    synthetic: Any | None = None,
+    quantile: float = 0.99,
+    synthetic_negatives: Any | None = None,
+) -> LevelCalibration:
+    """Fit one level. ``synthetic_negatives`` are extra negatives (unmasked synthetic pixels)."""
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+    normal = _finite_1d(normal, "normal scores")
+    if normal.size == 0:
+        raise ValueError("calibration needs at least one held-out normal score")
+    syn = np.empty(0) if synthetic is None else _finite_1d(synthetic, "synthetic scores")
+    extra = np.empty(0) if synthetic_negatives is None else _finite_1d(synthetic_negatives, "scores")
+    bound = normal_bound(normal, quantile)
+    if syn.size == 0:
+        threshold, method, f1 = bound, "normal_only", None
+    else:
+        negatives = np.concatenate([normal, extra])
+        threshold, method = _f1_gap(negatives, syn, bound)
+        tp = np.count_nonzero(syn >= threshold)
+        f1 = float(2 * tp / (tp + np.count_nonzero(negatives >= threshold) + syn.size))
+    everything = np.concatenate([normal, syn, extra])
+    lo, hi = _anchors(threshold, everything.min(), everything.max(), symmetric_min=syn.size == 0)
+    return LevelCalibration(
+        threshold=float(threshold),
+        score_min=float(lo),
+        score_max=float(hi),
+        method=method,
+        normal_bound=bound,
+        quantile=float(quantile),
+        normal_mean=float(normal.mean()),
+        normal_std=float(normal.std()),
+        normal_quantiles=_profile(normal),
+        n_normal=int(normal.size),
+        n_synthetic=int(syn.size),
+        f1=f1,
+    )
+
+
+def _profile(normal: np.ndarray) -> dict[str, float]:
+    values = np.quantile(normal, PROFILE_QUANTILES)
+    return {f"{q:g}": float(v) for q, v in zip(PROFILE_QUANTILES, values, strict=True)}
+
+
+def _subsample(values: np.ndarray, max_n: int, rng: np.random.Generator) -> np.ndarray:
+    return values if values.size <= max_n else values[rng.integers(0, values.size, max_n)]
+
+
+def fit_calibration(
+    normal_scores: Any,
+    synthetic_scores: Any | None = None,
+    normal_pixel_scores: Any | None = None,
+    synthetic_pixel_scores: Any | None = None,
+    synthetic_pixel_labels: Any | None = None,
+    normal_quantile: float = 0.99,
+    pixel_quantile: float = 0.999,
+    max_pixels: int = 1_000_000,
+) -> Calibration:
+    """Fit image- and (when pixel maps are given) pixel-level calibration; rule in the module doc.
+
+    Pixel arguments are anomaly maps of any shape (flattened); ``synthetic_pixel_labels`` must match
+    ``synthetic_pixel_scores`` in size (values > 0.5 are synthetic-defect pixels).
+    """
+    image = fit_level(normal_scores, synthetic_scores, normal_quantile)
+    if normal_pixel_scores is None:
+        return Calibration(image=image)
+    rng = np.random.default_rng(0)
+    normal_px = _subsample(np.asarray(normal_pixel_scores, dtype=np.float32).ravel(), max_pixels, rng)
+    pos = neg = None
+    if synthetic_pixel_scores is not None:
+        if synthetic_pixel_labels is None:
+            raise ValueError("synthetic_pixel_scores need synthetic_pixel_labels (the synthetic masks)")
+        scores = np.asarray(synthetic_pixel_scores, dtype=np.float32).ravel()
+        labels = np.asarray(synthetic_pixel_labels).ravel() > 0.5
+        if labels.size != scores.size:
+            raise ValueError(
+                f"synthetic pixel scores ({scores.size}) and labels ({labels.size}) differ in size"
+            )
+        pos = _subsample(scores[labels], max_pixels, rng)
+        neg = _subsample(scores[~labels], max_pixels, rng)
+    pixel = fit_level(normal_px, pos, pixel_quantile, synthetic_negatives=neg)
+    return Calibration(image=image, pixel=pixel)
