@@ -61,7 +61,7 @@ class GeneratorConfig(_Section):
     max_scale: int = Field(
         6, ge=0, le=8, description="Largest Perlin scale exponent (2^max_scale cells per axis)."
     )
-    threshold: float = Field(0.5, ge=-1.0, le=1.0, description="Perlin noise threshold that makes the mask.")
+    threshold: float = Field(0.5, gt=-1.0, lt=1.0, description="Perlin noise threshold that makes the mask.")
     max_rotation_deg: float = Field(
         10.0, ge=0.0, le=45.0, description="Slight random rotation of the normal image."
     )
