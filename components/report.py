@@ -1,4 +1,4 @@
-"""Evaluation report: curves, histograms, heatmap overlays, per-type table, metrics.json, index.html.
+"""Evaluation report: curves, histograms, heatmap overlays, per-type table, report.json, index.html.
 
 Figures are drawn on bare :class:`matplotlib.figure.Figure` objects (Agg canvas, no pyplot state), so
 the module works headless and leaks no figures. Pixel curves are computed on a strided subsample when
@@ -365,7 +365,7 @@ def write_report(
 ) -> Path:
     """Write the evaluation report into ``out_dir`` and return the path of ``index.html``.
 
-    ``metrics`` (any JSON-able dict, nested dicts allowed) is reported verbatim, in metrics.json under
+    ``metrics`` (any JSON-able dict, nested dicts allowed) is reported verbatim, in report.json under
     ``"metrics"`` and flattened (``a.b``) in the HTML table. The areas under the plotted curves go under
     ``"curve_metrics"``: image AUROC, pixel AUROC and AUPRO@0.3 (fractions, not percent). Pixel curves
     use every ``pixel_stride``-th pixel per axis when the maps exceed ``max_curve_pixels`` pixels, so
@@ -425,7 +425,7 @@ def write_report(
             for p, t, y, s, v in zip(paths, defect_types, labels, scores, verdicts, strict=True)
         ],
     }
-    (out_dir / "metrics.json").write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False))
+    (out_dir / "report.json").write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False))
     rows = [[r["path"], r["defect_type"], r["label"], r["score"], r["verdict"]] for r in report["images"]]
     index = out_dir / "index.html"
     index.write_text(_html(title, report, figs, rows, best_title), encoding="utf-8")

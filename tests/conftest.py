@@ -11,7 +11,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("TOCOAD_SHARED_DATA", REPO.parent / "shared" / "data"))
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread: tiny tensors gain nothing from two, and OpenMP spin-waits collapse under a shared CPU.
+torch.set_num_threads(1)
 
 
 def _require(path: Path) -> Path:

@@ -53,7 +53,7 @@ def test_write_report(tmp_path: Path):
     links = _check_links(index)
     expected = {"roc_image.png", "roc_pixel.png", "pro_curve.png", "score_hist.png", "examples_worst.png"}
     assert expected <= set(links)
-    report = json.loads((index.parent / "metrics.json").read_text())
+    report = json.loads((index.parent / "report.json").read_text())
     assert report["metrics"] == {"tocoad": {"image_auroc": 90.0}, "threshold": None}  # verbatim
     assert "tocoad.image_auroc" in index.read_text()
     areas = report["curve_metrics"]
@@ -69,7 +69,7 @@ def test_report_normal_only_without_masks(tmp_path: Path):
     index = write_report(tmp_path, **data, threshold=1.0, metrics={}, title="t", n_examples=1)
     links = _check_links(index)
     assert "pro_curve.png" not in links and "roc_image.png" not in links
-    assert json.loads((tmp_path / "metrics.json").read_text())["curve_metrics"] == {}
+    assert json.loads((tmp_path / "report.json").read_text())["curve_metrics"] == {}
 
 
 def test_report_rejects_mismatched_lengths(tmp_path: Path):

@@ -1,0 +1,57 @@
+"""Loss functions of both training stages. Each is a plain function of tensors."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Binary focal loss (Lin et al.) on per-pixel logits; ``target`` holds 0/1 of the same shape."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = torch.exp(-bce)  # probability given to the true class
+    return ((1 - p_t) ** gamma * bce).mean()
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - soft Dice over the whole batch; rewards getting the regions' extent right.
+
+    Pooled over the batch (not per image) so that anomaly-free images, which G makes half the time, do not
+    each demand an exactly empty prediction.
+    """
+    prob = torch.sigmoid(logits)
+    inter = (prob * target).sum()
+    return 1 - (2 * inter + eps) / (prob.sum() + target.sum() + eps)
+
+
+def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """SimSiam's D(p, z) on dense maps ``[B, C, h, w]``: minus the mean cosine, with stop-gradient on ``z``."""
+    return -F.cosine_similarity(p, z.detach(), dim=1).mean()
+
+
+def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """Symmetric dense SimSiam loss; -1 when each view's prediction matches the other view's projection."""
+    return 0.5 * (negative_cosine(p1, z2) + negative_cosine(p2, z1))
+
+
+def guide_loss(
+    feat: torch.Tensor, anchor: torch.Tensor, anomalous: torch.Tensor, margin: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The negative guide: push anomalous locations away from the clean anchor, keep normal ones close.
+
+    ``feat`` are F's patch embeddings of a synthetic-anomaly image, ``anchor`` those of the clean image at the same
+    locations (no gradient), ``anomalous`` a ``[B, 1, h, w]`` bool map of where D sees an anomaly. Anomalous
+    locations pay ``relu(cos - margin)``; normal ones pay ``1 - cos``. Returns (push term, pull term).
+    """
+    cos = F.cosine_similarity(feat, anchor.detach(), dim=1).unsqueeze(1)
+    anomalous = anomalous.to(cos.dtype)
+    normal = 1 - anomalous
+    push = (F.relu(cos - margin) * anomalous).sum() / anomalous.sum().clamp(min=1)
+    pull = ((1 - cos) * normal).sum() / normal.sum().clamp(min=1)
+    return push, pull
+
+
+def feature_std(z: torch.Tensor) -> torch.Tensor:
+    """Mean per-dimension std of L2-normalised dense features; ~1/sqrt(C) when healthy, 0 when collapsed."""
+    flat = F.normalize(z, dim=1).permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+    return flat.std(dim=0).mean()

@@ -1,0 +1,39 @@
+"""The memory bank: F's patch embeddings of the normal training images, greedily subsampled to a coreset."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from components.backbone import FeatureExtractor
+from components.config import BankConfig
+from components.coreset import greedy_coreset
+from components.patch_features import flatten_patches, patch_embedding
+
+
+@torch.inference_mode()
+def extract_embeddings(
+    extractor: FeatureExtractor, loader, bank: BankConfig, device: torch.device, progress: bool = True
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Patch embeddings ``[N_images * h * w, C]`` (float32) of every image the loader yields, streamed batch-wise."""
+    chunks: list[np.ndarray] = []
+    grid = (0, 0)
+    for batch in tqdm(loader, desc="features", unit="batch", disable=not progress, dynamic_ncols=True):
+        emb = patch_embedding(extractor(batch["image"].to(device)), bank.aggregation, bank.feature_dim)
+        grid = tuple(emb.shape[-2:])
+        chunks.append(flatten_patches(emb).float().cpu().numpy())
+    if not chunks:
+        raise ValueError("no training images to build the memory bank from")
+    return np.concatenate(chunks), grid
+
+
+def subsample(embeddings: np.ndarray, bank: BankConfig, seed: int, progress: bool = True) -> np.ndarray:
+    """The greedy coreset of ``embeddings`` (float32 ``[M, C]``), at least one patch."""
+    n = max(1, round(len(embeddings) * bank.coreset_ratio))
+    if n >= len(embeddings):
+        return embeddings
+    idx = greedy_coreset(
+        embeddings, n=n, projection_dim=bank.projection_dim or None, seed=seed, progress=progress
+    )
+    return np.ascontiguousarray(embeddings[np.sort(idx)])

@@ -1,0 +1,42 @@
+"""Patch features: F's two levels turned into one locally aware embedding per patch (PatchCore).
+
+Each level is averaged over a ``k x k`` neighbourhood (so a patch sees its surroundings), the coarser level is
+upsampled bilinearly to the finer grid, and the levels are concatenated. An optional projection averages groups of
+channels down to ``feature_dim`` (PatchCore's adaptive pooling), which keeps the bank small for wide backbones.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def aggregate(level: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Average each feature over its ``kernel x kernel`` neighbourhood, keeping the grid size."""
+    if kernel <= 1:
+        return level
+    return F.avg_pool2d(level, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+
+
+def patch_embedding(
+    levels: list[torch.Tensor], kernel: int = 3, feature_dim: int | None = None
+) -> torch.Tensor:
+    """Embed two (or more) feature levels as one map ``[B, C, h, w]`` on the finest level's grid."""
+    size = levels[0].shape[-2:]
+    parts = []
+    for level in levels:
+        level = aggregate(level, kernel)
+        if level.shape[-2:] != size:
+            level = F.interpolate(level, size=size, mode="bilinear", align_corners=False)
+        parts.append(level)
+    emb = torch.cat(parts, dim=1)
+    if feature_dim is not None and feature_dim != emb.shape[1]:
+        b, c, h, w = emb.shape
+        flat = emb.permute(0, 2, 3, 1).reshape(-1, 1, c)
+        emb = F.adaptive_avg_pool1d(flat, feature_dim).reshape(b, h, w, feature_dim).permute(0, 3, 1, 2)
+    return emb
+
+
+def flatten_patches(emb: torch.Tensor) -> torch.Tensor:
+    """``[B, C, h, w]`` -> ``[B * h * w, C]`` (row-major over images, then rows, then columns)."""
+    return emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])

@@ -1,0 +1,311 @@
+"""The training stages and how their outputs are saved, loaded and chained.
+
+Each stage reads the previous stage's output and adds its own, so a stage is the unit that runs as one
+Kubernetes job:
+
+* ``d``    -- stage 1: train the discriminative network D on G's synthetic anomalies;
+* ``c``    -- stage 2: fine-tune F contrastively with D as a negative guide (or keep F pretrained);
+* ``bank`` -- build the memory bank from F, calibrate the threshold on held-out normals and synthetic anomalies,
+  record the drift profile. Its output is a complete, servable model bundle.
+
+Every stage output is a bundle (see :mod:`components.bundle`) holding the files made so far.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from components.backbone import FeatureExtractor, create_feature_extractor
+from components.bundle import BundleError, load_tensors, save_tensors, verify_bundle, write_bundle, write_json
+from components.calibration import Calibration, fit_calibration
+from components.config import TocoadConfig
+from components.contrastive import ProjectionHeads, train_contrastive
+from components.datasets import DatasetSplits, Sample, discover, fingerprint, split_holdout
+from components.device import resolve_device
+from components.discriminator import Discriminator, create_discriminator, train_discriminator
+from components.generator import AnomalyGenerator, GeneratorSettings, make_generator
+from components.memory_bank import extract_embeddings, subsample
+from components.model import AnomalyModel
+from components.nn_index import build_index, index_from_bytes, index_to_bytes
+from components.profile import build_profile, image_statistics
+from components.training import make_loader
+
+STAGES = ("d", "c", "bank")
+# Config sections each stage depends on; a later stage refuses an input made with different values.
+STAGE_SECTIONS = {"d": ("data", "generator", "stage_d"), "c": ("backbone", "contrastive"), "bank": ("bank",)}
+
+
+@dataclass
+class Artifacts:
+    """Everything the stages have produced so far; saved to and loaded from a bundle."""
+
+    cfg: TocoadConfig
+    data_fingerprint: str
+    stages: list[str] = field(default_factory=list)
+    disc: Discriminator | None = None
+    extractor: FeatureExtractor | None = None
+    heads: ProjectionHeads | None = None
+    bank: np.ndarray | None = None
+    index: Any = None
+    calibration: Calibration | None = None
+    profile: dict[str, Any] | None = None
+    history: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def model(self, device: torch.device | None = None) -> AnomalyModel:
+        """The servable detector; needs the bank stage."""
+        if self.bank is None or self.extractor is None:
+            raise BundleError("this bundle has no memory bank yet; run `tocoad train --stage bank` on it")
+        return AnomalyModel(self.cfg, self.extractor, self.bank, self.index, self.calibration, device)
+
+
+def generator_from_config(cfg: TocoadConfig, anomaly_prob: float | None = None) -> AnomalyGenerator:
+    """G as configured (``anomaly_prob`` overrides the config, e.g. 1.0 for calibration)."""
+    g = cfg.generator
+    return make_generator(
+        GeneratorSettings(
+            kind=g.kind,
+            anomaly_prob=g.anomaly_prob if anomaly_prob is None else anomaly_prob,
+            opacity=(g.opacity_min, g.opacity_max),
+            min_scale=g.min_scale,
+            max_scale=g.max_scale,
+            threshold=g.threshold,
+            max_rotation_deg=g.max_rotation_deg,
+            rotate90=g.rotate90,
+            texture_dir=g.texture_dir,
+        )
+    )
+
+
+def training_split(cfg: TocoadConfig, data: DatasetSplits) -> tuple[list[Sample], list[Sample]]:
+    """(images the stages learn from, held-out normals used only for calibration)."""
+    train, holdout = split_holdout(data.train, cfg.data.holdout_fraction, cfg.runtime.seed)
+    if not train:
+        raise ValueError(
+            f"no training images left in {data.root} after holding out {cfg.data.holdout_fraction}"
+        )
+    return train, holdout
+
+
+def data_loader(cfg: TocoadConfig, samples: list[Sample], batch_size: int, shuffle: bool):
+    return make_loader(
+        samples,
+        cfg.data.image_size,
+        batch_size,
+        cfg.runtime.num_workers,
+        shuffle,
+        cfg.runtime.seed,
+        max_pixels=cfg.data.max_image_pixels,
+    )
+
+
+def run_stage(name: str, art: Artifacts, data: DatasetSplits, device: torch.device) -> Artifacts:
+    """Run one stage on ``art`` in place and return it."""
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}")
+    cfg = art.cfg
+    train, holdout = training_split(cfg, data)
+    torch.manual_seed(cfg.runtime.seed)
+    if name == "d":
+        if cfg.stage_d.enabled and cfg.stage_d.epochs > 0:
+            loader = data_loader(cfg, train, cfg.stage_d.batch_size, shuffle=True)
+            art.disc, art.history["d"] = train_discriminator(cfg, loader, generator_from_config(cfg), device)
+    elif name == "c":
+        extractor = create_feature_extractor(**_backbone_args(cfg)).to(device)
+        if cfg.contrastive.enabled and cfg.contrastive.epochs > 0:
+            loader = data_loader(cfg, train, cfg.contrastive.batch_size, shuffle=True)
+            disc = art.disc if cfg.contrastive.guide else None
+            extractor, art.heads, art.history["c"] = train_contrastive(
+                cfg, extractor, disc, loader, generator_from_config(cfg), device
+            )
+        art.extractor = extractor
+    else:
+        if art.extractor is None:
+            raise BundleError("the bank stage needs stage c's output (F); run `tocoad train --stage c` first")
+        build_bank(art, train, holdout, device)
+    art.stages = [s for s in STAGES if s in art.stages or s == name]
+    return art
+
+
+def _backbone_args(cfg: TocoadConfig) -> dict[str, Any]:
+    b = cfg.backbone
+    return {"name": b.name, "weights": b.weights, "layers": b.layers, "mean": b.mean, "std": b.std}
+
+
+def build_bank(art: Artifacts, train: list[Sample], holdout: list[Sample], device: torch.device) -> None:
+    """Memory bank, faiss index, calibration and drift profile, in place on ``art``."""
+    cfg = art.cfg
+    loader = data_loader(cfg, train, cfg.runtime.batch_size, shuffle=False)
+    embeddings, _ = extract_embeddings(art.extractor, loader, cfg.bank, device, cfg.runtime.progress)
+    art.bank = subsample(embeddings, cfg.bank, cfg.runtime.seed, cfg.runtime.progress)
+    del embeddings
+    art.index = build_index(art.bank, kind=cfg.bank.index)
+    model = art.model(device)
+    # Without a holdout the training images stand in (their scores are optimistic, so thresholds run low).
+    calib_images = holdout or train
+    normal_scores, nn_dist, synth_scores, synth_maps, synth_masks, normal_maps = [], [], [], [], [], []
+    stats: dict[str, list[np.ndarray]] = {}
+    gen = generator_from_config(cfg, anomaly_prob=1.0)
+    rng = torch.Generator(device=device).manual_seed(cfg.runtime.seed + 2)
+    for batch in data_loader(cfg, calib_images, cfg.runtime.batch_size, shuffle=False):
+        images = batch["image"].to(device)
+        pred = model.predict(images)
+        normal_scores.append(pred.scores)
+        normal_maps.append(pred.maps)
+        nn_dist.append(pred.patch_scores.ravel())
+        for key, value in image_statistics(images).items():
+            stats.setdefault(key, []).append(value)
+        for _ in range(cfg.calibration.synthetic_per_image):
+            synth = gen(images, rng)
+            spred = model.predict(synth.image)
+            synth_scores.append(spred.scores)
+            synth_maps.append(spred.maps)
+            synth_masks.append(synth.mask[:, 0].cpu().numpy() > 0.5)
+    normal_scores_a = np.concatenate(normal_scores)
+    synth_scores_a = np.concatenate(synth_scores) if synth_scores else None
+    pixel_kwargs = {}
+    if synth_maps:
+        maps = np.concatenate(synth_maps)
+        masks = np.concatenate(synth_masks)
+        pixel_kwargs = {
+            "normal_pixel_scores": np.concatenate(normal_maps)[:, ::4, ::4].ravel(),
+            "synthetic_pixel_scores": maps[:, ::4, ::4].ravel(),
+            "synthetic_pixel_labels": masks[:, ::4, ::4].ravel(),
+        }
+    art.calibration = fit_calibration(
+        normal_scores_a, synth_scores_a, normal_quantile=cfg.calibration.normal_quantile, **pixel_kwargs
+    )
+    art.profile = build_profile(
+        normal_scores_a, np.concatenate(nn_dist), {k: np.concatenate(v) for k, v in stats.items()}
+    )
+    art.metrics["calibration"] = {
+        "holdout_images": len(holdout),
+        "synthetic_images": 0 if synth_scores_a is None else len(synth_scores_a),
+        "bank_patches": len(art.bank),
+        "threshold": art.calibration.threshold,
+    }
+
+
+# ---------------------------------------------------------------- saving and loading
+
+
+def save_artifacts(art: Artifacts, out_dir: Path, overwrite: bool = False) -> Path:
+    """Write ``art`` as a bundle at ``out_dir`` (atomically)."""
+
+    def populate(tmp: Path) -> None:
+        (tmp / "config.yaml").write_text(art.cfg.to_yaml())
+        if art.disc is not None:
+            save_tensors(tmp / "discriminator.safetensors", art.disc.state_dict())
+        if art.extractor is not None:
+            save_tensors(tmp / "feature_extractor.safetensors", art.extractor.state_dict())
+        if art.heads is not None:
+            save_tensors(tmp / "heads.safetensors", art.heads.state_dict())
+        if art.bank is not None:
+            save_tensors(tmp / "memory_bank.safetensors", {"bank": torch.from_numpy(art.bank).half()})
+            (tmp / "index.faiss").write_bytes(index_to_bytes(art.index))
+        if art.calibration is not None:
+            write_json(tmp / "calibration.json", art.calibration.to_dict())
+        if art.profile is not None:
+            write_json(tmp / "profile.json", art.profile)
+
+    manifest = {
+        "stages": art.stages,
+        "config": art.cfg.model_dump(mode="json"),
+        "data_fingerprint": art.data_fingerprint,
+        "history": art.history,
+        "metrics": art.metrics,
+    }
+    return write_bundle(out_dir, populate, manifest, overwrite=overwrite)
+
+
+def load_artifacts(bundle_dir: Path, device: torch.device | None = None) -> Artifacts:
+    """Read a bundle after verifying every checksum; no file is unpickled."""
+    bundle_dir = Path(bundle_dir)
+    manifest = verify_bundle(bundle_dir)
+    cfg = TocoadConfig.from_dict(manifest["config"])
+    art = Artifacts(cfg, manifest.get("data_fingerprint", ""), list(manifest.get("stages", [])))
+    art.history, art.metrics = manifest.get("history", {}), manifest.get("metrics", {})
+    files = manifest["files"]
+    if "discriminator.safetensors" in files:
+        art.disc = create_discriminator(cfg, pretrained=False)
+        art.disc.load_state_dict(load_tensors(bundle_dir / "discriminator.safetensors"))
+        art.disc.eval()
+    if "feature_extractor.safetensors" in files:
+        art.extractor = create_feature_extractor(**{**_backbone_args(cfg), "weights": "none"})
+        art.extractor.load_state_dict(load_tensors(bundle_dir / "feature_extractor.safetensors"))
+        art.extractor.eval()
+    if "heads.safetensors" in files:
+        art.heads = ProjectionHeads(
+            sum(art.extractor.channels), cfg.contrastive.proj_dim, cfg.contrastive.pred_dim
+        )
+        art.heads.load_state_dict(load_tensors(bundle_dir / "heads.safetensors"))
+    if "memory_bank.safetensors" in files:
+        art.bank = load_tensors(bundle_dir / "memory_bank.safetensors")["bank"].float().numpy()
+        art.index = index_from_bytes((bundle_dir / "index.faiss").read_bytes())
+    if "calibration.json" in files:
+        art.calibration = Calibration.from_dict(_read_json(bundle_dir / "calibration.json"))
+    if "profile.json" in files:
+        art.profile = _read_json(bundle_dir / "profile.json")
+    if device is not None:
+        for module in (art.disc, art.extractor, art.heads):
+            if module is not None:
+                module.to(device)
+    return art
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def check_compatible(previous: TocoadConfig, cfg: TocoadConfig, stage: str) -> None:
+    """Refuse to continue from a stage output whose earlier-stage settings differ from ``cfg``."""
+    for earlier in STAGES[: STAGES.index(stage)]:
+        for section in STAGE_SECTIONS[earlier]:
+            before, now = getattr(previous, section), getattr(cfg, section)
+            if before != now:
+                raise ValueError(
+                    f"the input of stage {stage} was made with different `{section}` settings; "
+                    f"rerun stage {earlier} with this config, or use the config saved in the input bundle"
+                )
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def train(
+    cfg: TocoadConfig,
+    data_root: Path,
+    out_dir: Path,
+    stage: str | None = None,
+    previous: Path | None = None,
+    overwrite: bool = False,
+) -> Artifacts:
+    """Run all stages (``stage=None``) or one stage from ``previous``'s output, and save the bundle."""
+    device = resolve_device(cfg.runtime.device)
+    data = discover(Path(data_root), cfg.data.layout)
+    train_samples, _ = training_split(cfg, data)
+    data_fp = fingerprint(data.train)
+    if stage in (None, "d"):
+        art = Artifacts(cfg, data_fp)
+    else:
+        if previous is None:
+            raise ValueError(f"stage {stage} continues from an earlier stage's output: pass --from DIR")
+        art = load_artifacts(previous, device)
+        check_compatible(art.cfg, cfg, stage)
+        if art.data_fingerprint != data_fp:
+            raise ValueError(
+                f"{previous} was trained on other data than {data_root}; rerun the earlier stages on this data"
+            )
+        art.cfg = cfg
+    for name in STAGES if stage is None else (stage,):
+        run_stage(name, art, data, device)
+    if out_dir.exists() and previous is not None and Path(previous).resolve() == Path(out_dir).resolve():
+        overwrite = True
+    save_artifacts(art, out_dir, overwrite=overwrite)
+    return art

@@ -1,0 +1,62 @@
+"""Scoring image files with a bundle, as ``tocoad predict`` does (the predictor server shares ``score_images``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from components.images import load_image, resize_rgb, to_tensor
+from components.model import AnomalyModel
+from components.pipeline import load_artifacts
+from components.report import overlay_heatmap
+
+
+def prepare(images: list[np.ndarray], size: int) -> torch.Tensor:
+    """uint8 RGB arrays of any size -> one [0, 1] batch at the model's square size."""
+    return torch.stack([to_tensor(resize_rgb(img, (size, size))) for img in images])
+
+
+def score_images(
+    model: AnomalyModel, images: list[np.ndarray], with_maps: bool = False
+) -> list[dict[str, Any]]:
+    """Raw and normalised score, label and threshold for each uint8 RGB image (maps too if asked)."""
+    pred = model.predict(prepare(images, model.image_size), with_maps=with_maps)
+    cal = model.calibration
+    out = []
+    for i, raw in enumerate(pred.scores):
+        item: dict[str, Any] = {"score": float(raw)}
+        if cal is not None:
+            item["normalized"] = float(cal.normalize(float(raw)))
+            item["threshold"] = float(cal.threshold)
+            item["label"] = "defective" if raw >= cal.threshold else "normal"
+        if with_maps and pred.maps is not None:
+            item["map"] = pred.maps[i]
+        out.append(item)
+    return out
+
+
+def predict_files(bundle: Path, paths: list[Path], heatmap_dir: Path | None = None) -> list[dict[str, Any]]:
+    """Score image files; with ``heatmap_dir``, also save an overlay PNG of each anomaly map."""
+    from PIL import Image
+
+    art = load_artifacts(bundle)
+    model = art.model()
+    results = []
+    for path in paths:
+        img = load_image(path, max_pixels=art.cfg.data.max_image_pixels)
+        item = score_images(model, [img], with_maps=heatmap_dir is not None)[0]
+        item["path"] = str(path)
+        amap = item.pop("map", None)
+        if heatmap_dir is not None and amap is not None:
+            heatmap_dir.mkdir(parents=True, exist_ok=True)
+            cal = model.calibration
+            vmax = cal.pixel_max if cal is not None and getattr(cal, "pixel_max", None) else float(amap.max())
+            small = resize_rgb(img, amap.shape)
+            out = heatmap_dir / f"{Path(path).stem}_heatmap.png"
+            Image.fromarray(overlay_heatmap(small, amap, 0.0, vmax)).save(out)
+            item["heatmap"] = str(out)
+        results.append(item)
+    return results

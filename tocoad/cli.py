@@ -1,0 +1,176 @@
+"""The ``tocoad`` command line: train, evaluate, predict, demo, config.
+
+Errors that a user can fix (bad config, bad path, unreadable image, damaged bundle) print one clear message and
+exit with status 2; nothing prints a traceback unless ``TOCOAD_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def _config(args: argparse.Namespace):
+    from components.config import TocoadConfig
+
+    cfg = TocoadConfig.from_yaml(args.config) if getattr(args, "config", None) else TocoadConfig()
+    return cfg.with_overrides(getattr(args, "set", None) or [])
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """Print the default config (or the one given) with every setting's doc."""
+    text = _config(args).to_yaml(with_docs=True)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}")
+    else:
+        print(text, end="")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train all stages, or one stage from the previous one's output."""
+    from components.pipeline import load_artifacts, train
+
+    cfg = _config(args)
+    if args.stage and args.stage != "d" and args.source and not args.config and not args.set:
+        cfg = load_artifacts(args.source).cfg  # continue with the config the earlier stages used
+    art = train(
+        cfg, Path(args.data), Path(args.out), stage=args.stage, previous=args.source, overwrite=args.overwrite
+    )
+    print(f"bundle: {args.out}  (stages: {', '.join(art.stages)})")
+    if art.calibration is not None:
+        print(f"threshold: {art.calibration.threshold:.4f}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a bundle on a labelled test split and write the report."""
+    from components.evaluate import evaluate
+
+    out = Path(args.out) if args.out else Path(args.bundle).with_name(Path(args.bundle).name + "-report")
+    metrics = evaluate(Path(args.bundle), Path(args.data), out, progress=not args.quiet)
+    _print_metrics(metrics)
+    print(f"metrics: {out / 'metrics.json'}")
+    print(f"report:  {metrics['report']}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Score images with a bundle: raw score, normalised score, label and threshold per image."""
+    from components.predict import predict_files
+
+    results = predict_files(Path(args.bundle), [Path(p) for p in args.images], heatmap_dir=args.heatmaps)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            print(
+                f"{r['path']}\tscore={r['score']:.4f}\tnormalized={r['normalized']:.3f}\t{r['label']}"
+                f"\tthreshold={r['threshold']:.4f}"
+                + (f"\theatmap={r['heatmap']}" if r.get("heatmap") else "")
+            )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job: make the demo data set, train on it, evaluate, print metrics and the report's path."""
+    from components.demo_data import make_demo_dataset
+    from components.evaluate import evaluate
+    from components.pipeline import train
+
+    out = Path(args.out)
+    data = out / "data"
+    if not (data / "train").exists():
+        print(f"making demo data in {data}")
+        make_demo_dataset(data, seed=0)
+    cfg = _config(args)
+    bundle = out / "bundle"
+    train(cfg, data, bundle, overwrite=True)
+    metrics = evaluate(bundle, data, out / "report")
+    _print_metrics(metrics)
+    print(f"bundle:  {bundle}")
+    print(f"report:  {metrics['report']}")
+    return 0
+
+
+def _print_metrics(metrics: dict) -> None:
+    for model in ("tocoad", "discriminator"):
+        if model in metrics:
+            vals = "  ".join(f"{k}={v:.2f}" for k, v in metrics[model].items())
+            print(f"{model:>13}: {vals}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """All subcommands and their options."""
+    p = argparse.ArgumentParser(prog="tocoad", description="ToCoAD industrial anomaly detection.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", type=Path, help="YAML config (defaults: `tocoad config`)")
+        sp.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one setting")
+
+    sp = sub.add_parser("config", help="print the config with documented defaults")
+    with_config(sp)
+    sp.add_argument("--out", type=Path, help="write to this file instead of printing")
+    sp.set_defaults(func=cmd_config)
+
+    sp = sub.add_parser("train", help="train a model bundle (all stages, or one with --stage)")
+    sp.add_argument(
+        "--data", required=True, help="dataset folder (MVTec, VisA, BTAD layout or a folder of images)"
+    )
+    sp.add_argument("--out", required=True, help="output bundle directory")
+    sp.add_argument("--stage", choices=["d", "c", "bank"], help="run only this stage")
+    sp.add_argument(
+        "--from", dest="source", type=Path, help="the previous stage's output (for --stage c|bank)"
+    )
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
+    with_config(sp)
+    sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("evaluate", help="metrics and HTML report on a labelled test split")
+    sp.add_argument("--bundle", required=True)
+    sp.add_argument("--data", required=True)
+    sp.add_argument("--out", help="report directory (default: BUNDLE-report)")
+    sp.add_argument("--quiet", action="store_true", help="no progress bars")
+    sp.set_defaults(func=cmd_evaluate)
+
+    sp = sub.add_parser("predict", help="score images")
+    sp.add_argument("--bundle", required=True)
+    sp.add_argument("images", nargs="+")
+    sp.add_argument("--heatmaps", type=Path, help="save heatmap overlays (PNG) into this folder")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    sp.set_defaults(func=cmd_predict)
+
+    sp = sub.add_parser("demo", help="make demo data, train, evaluate (the main job)")
+    sp.add_argument("--out", default="runs/demo", help="working folder (default runs/demo)")
+    with_config(sp)
+    sp.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``tocoad`` script."""
+    args = build_parser().parse_args(argv)
+    if os.environ.get("TOCOAD_DEBUG") == "1":
+        return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as exc:  # our errors are ValueError subclasses with a clear text
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except RuntimeError as exc:  # e.g. out of memory inside torch
+        print(f"error: {exc}\n(set TOCOAD_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
