@@ -116,6 +116,33 @@ class FeatureExtractor(nn.Module):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         return self.body((images - self.mean) / self.std)
 
+    def sequence(self) -> list[tuple[nn.Module, bool]]:
+        """The body as ordered (module, is-a-feature-level) steps: running them in turn equals ``forward``.
+
+        Lets stage 2 run the frozen first steps once and only the trainable last ones per network.
+        """
+        body = self.body
+        if hasattr(body, "blocks") and hasattr(body, "_stage_out_idx"):  # timm EfficientNetFeatures
+            idx = body._stage_out_idx
+            steps = [(body.conv_stem, False), (body.bn1, 0 in idx)]
+            return steps + [(block, i + 1 in idx) for i, block in enumerate(body.blocks)]
+        if hasattr(body, "return_layers"):  # timm FeatureListNet (ResNet, ...)
+            return [(module, name in body.return_layers) for name, module in body.items()]
+        raise TypeError(f"{type(body).__name__} has no known step sequence")
+
+    def run_steps(
+        self, x: torch.Tensor, start: int, end: int, levels: list[torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run steps ``start..end-1`` on ``x`` (normalised first when ``start == 0``), collecting feature levels."""
+        if start == 0:
+            x = (x - self.mean) / self.std
+        levels = list(levels or [])
+        for module, is_level in self.sequence()[start:end]:
+            x = module(x)
+            if is_level:
+                levels.append(x)
+        return x, levels
+
 
 def create_feature_extractor(
     name: str,

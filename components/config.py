@@ -120,7 +120,7 @@ class ContrastiveConfig(_Section):
     lr: float = Field(2e-4, gt=0, description="AdamW learning rate of the last trainable blocks of F.")
     head_lr: float = Field(2e-3, gt=0, description="Learning rate of the projector and predictor.")
     trainable_blocks: int = Field(
-        2, ge=0, description="How many of F's last feature stages are fine-tuned; earlier ones stay frozen."
+        3, ge=1, description="How many of F's last blocks are fine-tuned (Lite0: 3 = both feature levels)."
     )
     proj_dim: int = Field(256, ge=16, description="Projector output channels (dense 1x1 convolutions).")
     pred_dim: int = Field(64, ge=8, description="Predictor bottleneck channels.")

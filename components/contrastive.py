@@ -6,7 +6,8 @@ The paper gives no equations; every choice below is ours and is listed with its 
   embedding the memory bank stores), and the negative cosine is taken per location between two views of the same
   image. PatchCore scores patches by nearest-neighbour distance, so F must stay good at patch level; a single
   pooled vector would teach it nothing about locations. The two views share geometry (so locations match) and
-  differ photometrically (colour jitter, blur, noise), plus a flip that is undone on the feature map.
+  differ photometrically (colour jitter, blur, noise), plus a flip that is undone on the feature map. One view
+  is the clean image itself, which saves a forward pass on a CPU.
 * **Negative guide.** G makes a synthetic anomaly image I_G from a clean image I_R. Where the frozen D says
   "anomalous" (probability > ``d_threshold``), F(I_G) is pushed below cosine ``guide_margin`` to the frozen
   pretrained features of I_R at the same location; elsewhere it is pulled towards them. So anomalies move away
@@ -16,8 +17,9 @@ The paper gives no equations; every choice below is ours and is listed with its 
   the ImageNet features that nearest-neighbour scoring depends on.
 * **Collapse guard.** The mean per-dimension std of the L2-normalised projections is logged every step
   (``z_std``); ~1/sqrt(proj_dim) is healthy, values near 0 mean collapse.
-* **What trains.** Only F's last ``trainable_blocks`` stages; batch-norm statistics stay frozen, so the bank is
-  built with exactly the normalisation that was trained.
+* **What trains.** Only F's last ``trainable_blocks`` steps; batch-norm statistics stay frozen, so the bank is
+  built with exactly the normalisation that was trained. The frozen first steps are shared by F and F0 and run
+  once per batch.
 """
 
 from __future__ import annotations
@@ -62,14 +64,6 @@ class ProjectionHeads(nn.Module):
         return z, self.predictor(z)
 
 
-def feature_stages(body: nn.Module) -> list[nn.Module]:
-    """F's stages in order: EfficientNet blocks, ResNet layers, else the top-level children with weights."""
-    if hasattr(body, "blocks"):
-        return list(body.blocks)
-    layers = [m for n, m in body.named_children() if n.startswith("layer")]
-    return layers or [m for m in body.children() if any(True for _ in m.parameters())]
-
-
 def freeze_batchnorm(module: nn.Module) -> None:
     """Put every batch-norm layer in eval mode so its running statistics do not move."""
     for m in module.modules():
@@ -96,7 +90,11 @@ def photometric(images: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
 
 
 class ContrastiveTrainer:
-    """Holds F, its frozen copy F0, the heads and frozen D, and computes one step's losses."""
+    """Holds F, its frozen copy F0, the heads and frozen D, and computes one step's losses.
+
+    F's first steps are frozen and identical in F and F0, so they run once per batch (the "trunk"); only the last
+    ``trainable_blocks`` steps run separately in F (with gradients) and F0.
+    """
 
     def __init__(self, cfg: TocoadConfig, extractor: FeatureExtractor, disc: Discriminator | None) -> None:
         self.cfg = cfg.contrastive
@@ -104,39 +102,42 @@ class ContrastiveTrainer:
         self.f = extractor
         self.f0 = copy.deepcopy(extractor).eval().requires_grad_(False)
         self.disc = disc.eval().requires_grad_(False) if disc is not None else None
+        steps = extractor.sequence()
+        self.split = max(1, len(steps) - self.cfg.trainable_blocks)
         self.f.requires_grad_(False)
-        for stage in (
-            feature_stages(self.f.body)[-self.cfg.trainable_blocks :] if self.cfg.trainable_blocks else []
-        ):
-            stage.requires_grad_(True)
-        dim = sum(extractor.channels)
-        self.heads = ProjectionHeads(dim, self.cfg.proj_dim, self.cfg.pred_dim)
+        for module, _ in steps[self.split :]:
+            module.requires_grad_(True)
+        self.heads = ProjectionHeads(sum(extractor.channels), self.cfg.proj_dim, self.cfg.pred_dim)
 
-    def embed(self, net: FeatureExtractor, images: torch.Tensor) -> torch.Tensor:
-        return patch_embedding(net(images), self.kernel)
+    def _tail(self, net: FeatureExtractor, trunk: torch.Tensor, levels: list[torch.Tensor]) -> torch.Tensor:
+        _, levels = net.run_steps(trunk, self.split, len(net.sequence()), levels)
+        return patch_embedding(levels, self.kernel)
 
     def losses(
         self, clean: torch.Tensor, synth: torch.Tensor, rng: torch.Generator
     ) -> dict[str, torch.Tensor]:
-        """All loss terms for a batch of clean images and their synthetic-anomaly versions."""
-        c = self.cfg
-        v1, v2 = photometric(clean, rng), photometric(clean, rng).flip(-1)
-        b = clean.shape[0]
-        emb = self.embed(self.f, torch.cat([v1, v2, synth]))
-        e1, e2, eg = emb[:b], emb[b : 2 * b].flip(-1), emb[2 * b :]
+        """All loss terms for a batch of clean images and their synthetic-anomaly versions.
+
+        The two SimSiam views are the clean image and a photometric, flipped copy of it; F0's embedding of the
+        clean image is both the forgetting guard's target and the negative guide's anchor.
+        """
+        c, b = self.cfg, clean.shape[0]
+        view = photometric(clean, rng).flip(-1)
         with torch.no_grad():
-            ref = self.embed(self.f0, torch.cat([v1, clean]))
-        o1, r0 = ref[:b], ref[b:]
+            trunk, levels = self.f.run_steps(torch.cat([clean, view, synth]), 0, self.split)
+            ref = self._tail(self.f0, trunk[:b], [lv[:b] for lv in levels])
+        emb = self._tail(self.f, trunk, levels)
+        e1, e2, eg = emb[:b], emb[b : 2 * b].flip(-1), emb[2 * b :]
         out: dict[str, torch.Tensor] = {}
         z1, p1 = self.heads(e1)
         z2, p2 = self.heads(e2)
         out["simsiam"] = simsiam_loss(p1, p2, z1, z2)
-        out["distill"] = (1 - F.cosine_similarity(e1, o1, dim=1)).mean()
+        out["distill"] = (1 - F.cosine_similarity(e1, ref, dim=1)).mean()
         if c.guide and self.disc is not None:
             with torch.no_grad():
                 prob = torch.sigmoid(self.disc(synth).float())
                 anomalous = F.adaptive_max_pool2d(prob, eg.shape[-2:]) > c.d_threshold
-            out["push"], out["pull"] = guide_loss(eg, r0, anomalous, c.guide_margin)
+            out["push"], out["pull"] = guide_loss(eg, ref, anomalous, c.guide_margin)
             out["d_anomalous"] = anomalous.float().mean()
         out["total"] = (
             c.simsiam_weight * out["simsiam"]
