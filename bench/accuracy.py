@@ -43,7 +43,12 @@ def run(data: Path, out: Path, variants: list[str], base: list[str]) -> dict:
     """Train and evaluate each variant; return {variant: {metrics, seconds}}."""
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {"data": str(data), "torch_threads": torch.get_num_threads(), "variants": {}}
+    if (out / "results.json").is_file():  # continue an earlier run: keep its variants and stage outputs
+        results["variants"] = json.loads((out / "results.json").read_text())["variants"]
     made: dict[str, Path] = {}
+    for key, first in (("d", "a_d"), ("c", "c_c")):
+        if (out / first / "manifest.json").is_file():
+            made[key] = out / first
 
     def stage(name: str, overrides: list[str], previous: Path | None, dest: Path) -> float:
         cfg = TocoadConfig().with_overrides(base + overrides)
@@ -55,7 +60,7 @@ def run(data: Path, out: Path, variants: list[str], base: list[str]) -> dict:
         if d_src == "d" and "d" in made:
             d_dir = made["d"]
         else:
-            d_dir = out / f"{key}_d"
+            d_dir = out / ("a_d" if d_src == "d" else f"{key}_d")
             seconds["d"] = stage("d", overrides, None, d_dir)
             if d_src == "d":
                 made["d"] = d_dir

@@ -107,7 +107,9 @@ class StageDConfig(_Section):
     epochs: int = Field(6, ge=0, description="Passes over the training images.")
     batch_size: int = Field(8, ge=1, description="Images per step.")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the decoder.")
-    encoder_lr: float = Field(1e-4, ge=0, description="Learning rate of the pretrained encoder (0 = frozen).")
+    encoder_lr: float = Field(
+        0.0, ge=0, description="Learning rate of the pretrained encoder (0 = frozen, 2x faster)."
+    )
     focal_gamma: float = Field(2.0, ge=0, description="Focal-loss focusing parameter.")
     dice_weight: float = Field(1.0, ge=0, description="Weight of the soft-Dice term on the predicted mask.")
     width: int = Field(64, ge=8, description="Channels of D's decoder.")

@@ -2,8 +2,8 @@
 
 Like DRAEM's discriminative sub-network, D is a U-Net that outputs a per-pixel anomaly logit and is trained with
 focal loss (gamma = 2). Ours, not the paper's: D's encoder is a pretrained timm backbone (EfficientNet-Lite0 by
-default, four levels at strides 2-16) with a light decoder, and D sees only the image (there is no reconstruction
-network). A pretrained encoder learns the task from a few hundred images in minutes on a CPU, where DRAEM's
+default, three levels at strides 4-16) with a light decoder whose logits are upsampled from stride 4, and D sees only
+the image (there is no reconstruction network). A pretrained encoder learns the task from a few hundred images in minutes on a CPU, where DRAEM's
 randomly initialised U-Net needs hundreds of GPU epochs. A soft-Dice term is added to the focal loss because it
 rewards the anomaly's full extent, which the negative guide of stage 2 relies on.
 """
@@ -22,7 +22,7 @@ from components.losses import focal_loss, soft_dice_loss
 from components.training import run_epochs
 
 D_ENCODER = "tf_efficientnet_lite0"
-D_LAYERS = (0, 1, 2, 3)
+D_LAYERS = (1, 2, 3)  # strides 4, 8, 16: a stride-2 decoder level would cost 3x the encoder
 
 
 def _conv_block(cin: int, cout: int) -> nn.Sequential:

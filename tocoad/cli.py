@@ -89,7 +89,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not (data / "train").exists():
         print(f"making demo data in {data}")
         make_demo_dataset(data, seed=0)
+    # The demo images are 128 px; training at that size keeps the demo to a few minutes on a laptop CPU.
     cfg = _config(args)
+    if not any(item.startswith("data.image_size=") for item in args.set or []) and not args.config:
+        cfg = cfg.with_overrides(["data.image_size=128", "generator.max_scale=5"])
     bundle = out / "bundle"
     train(cfg, data, bundle, overwrite=True)
     metrics = evaluate(bundle, data, out / "report")
