@@ -52,32 +52,38 @@ def machine() -> dict:
     }
 
 
-def coreset_bench(data: Path, ratio: float, work: Path, peer: bool) -> dict:
+def extract_features(data: Path) -> tuple[np.ndarray, float]:
+    """Pretrained F's patch features of every training image, and the seconds it took."""
     cfg = TocoadConfig()
     samples = discover(data).train
     f = create_feature_extractor(cfg.backbone.name, cfg.backbone.weights, cfg.backbone.layers)
     loader = data_loader(cfg.with_overrides(["runtime.num_workers=0"]), samples, 16, shuffle=False)
     start = time.perf_counter()
     feats, _ = extract_embeddings(f, loader, cfg.bank, torch.device("cpu"), progress=False)
-    t_feat = time.perf_counter() - start
+    return feats, time.perf_counter() - start
+
+
+def coreset_bench(feats: np.ndarray, ratio: float, work: Path, peer: bool, peer_idx: Path | None) -> dict:
+    """Our greedy coreset beside exact greedy and anomalib's KCenterGreedy, on the same features."""
     n = max(1, int(len(feats) * ratio))
     start = time.perf_counter()
-    ours = greedy_coreset(feats, n=n, projection_dim=cfg.bank.projection_dim, seed=0)
+    ours = greedy_coreset(feats, n=n, projection_dim=TocoadConfig().bank.projection_dim, seed=0)
     t_ours = time.perf_counter() - start
+    start = time.perf_counter()
     exact = greedy_coreset(feats, n=n, projection_dim=None, seed=0)
     out = {
-        "images": len(samples),
         "patches": int(len(feats)),
         "dims": int(feats.shape[1]),
         "coreset_size": n,
-        "feature_seconds": t_feat,
         "ours_seconds": t_ours,
+        "exact_greedy_seconds": time.perf_counter() - start,
         "ours_radius": covering_radius(feats, ours),
         "exact_greedy_radius": covering_radius(feats, exact),
     }
     if peer:
         work.mkdir(parents=True, exist_ok=True)
         np.save(work / "features.npy", feats)
+        peer_idx = work / "kc_idx.npy"
         cmd = [
             str(PEER_PY),
             str(ROOT / "bench" / "anomalib_kcenter.py"),
@@ -88,15 +94,14 @@ def coreset_bench(data: Path, ratio: float, work: Path, peer: bool) -> dict:
             "--threads",
             str(torch.get_num_threads()),
             "--out-idx",
-            str(work / "kc_idx.npy"),
+            str(peer_idx),
             "--out-json",
             str(work / "kc.json"),
         ]
         subprocess.run(cmd, check=True)
-        kc = json.loads((work / "kc.json").read_text())
-        out["anomalib_seconds"] = kc["total_s"]
-        out["anomalib_raw"] = kc
-        out["anomalib_radius"] = covering_radius(feats, np.load(work / "kc_idx.npy"))
+        out["anomalib_seconds"] = json.loads((work / "kc.json").read_text())["total_s"]
+    if peer_idx is not None:
+        out["anomalib_radius"] = covering_radius(feats, np.load(peer_idx))
     return out
 
 
@@ -124,13 +129,22 @@ def main() -> None:
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--ratio", type=float, default=0.01)
-    p.add_argument("--no-peer", action="store_true", help="skip anomalib's KCenterGreedy")
+    p.add_argument("--no-peer", action="store_true", help="skip running anomalib's KCenterGreedy")
+    p.add_argument("--features", type=Path, help="use this saved [N, D] .npy instead of extracting features")
+    p.add_argument("--peer-idx", type=Path, help="KCenterGreedy indices chosen earlier on --features")
     p.add_argument(
         "--peer-json", type=Path, help="anomalib_patchcore.py output of the same run (for latency)"
     )
     args = p.parse_args()
     result = {"machine": machine(), "data": str(args.data)}
-    result["coreset"] = coreset_bench(args.data, args.ratio, args.out.parent / "speed_work", not args.no_peer)
+    if args.features:
+        feats = np.load(args.features).astype(np.float32)
+        result["features"] = {"file": str(args.features)}
+    else:
+        feats, seconds = extract_features(args.data)
+        result["features"] = {"seconds": seconds, "images": len(discover(args.data).train)}
+    work = args.out.parent / "speed_work"
+    result["coreset"] = coreset_bench(feats, args.ratio, work, not args.no_peer, args.peer_idx)
     result["inference"] = inference_bench(args.bundle, args.data)
     if args.peer_json and args.peer_json.is_file():
         result["anomalib_patchcore"] = json.loads(args.peer_json.read_text())

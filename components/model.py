@@ -23,10 +23,6 @@ class Prediction:
     maps: np.ndarray | None
     patch_scores: np.ndarray  # [B, h, w] nearest-neighbour distances
 
-    def normalized(self, calibration: Calibration) -> np.ndarray:
-        """Scores on the calibrated 0..1 scale, threshold at 0.5."""
-        return np.asarray(calibration.normalize(self.scores), dtype=np.float64)
-
 
 class AnomalyModel:
     """Scores images by each patch's distance to its nearest neighbour in the memory bank (PatchCore)."""

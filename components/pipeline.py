@@ -14,6 +14,7 @@ Every stage output is a bundle (see :mod:`components.bundle`) holding the files 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -304,7 +305,9 @@ def train(
             )
         art.cfg = cfg
     for name in STAGES if stage is None else (stage,):
+        start = time.perf_counter()
         run_stage(name, art, data, device)
+        art.metrics.setdefault("stage_seconds", {})[name] = round(time.perf_counter() - start, 2)
     if out_dir.exists() and previous is not None and Path(previous).resolve() == Path(out_dir).resolve():
         overwrite = True
     save_artifacts(art, out_dir, overwrite=overwrite)

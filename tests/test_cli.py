@@ -56,6 +56,7 @@ def test_train_writes_a_complete_bundle(bundle):
     } <= set(manifest["files"])
     assert manifest["config"]["data"]["image_size"] == 64 and len(manifest["data_fingerprint"]) == 64
     assert set(manifest["history"]) == {"d", "c"}
+    assert set(manifest["metrics"]["stage_seconds"]) == {"d", "c", "bank"}
     profile = json.loads((bundle / "profile.json").read_text())
     assert {"brightness", "contrast", "sharpness"} == set(profile["image_stats"])
 

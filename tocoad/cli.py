@@ -43,7 +43,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     art = train(
         cfg, Path(args.data), Path(args.out), stage=args.stage, previous=args.source, overwrite=args.overwrite
     )
-    print(f"bundle: {args.out}  (stages: {', '.join(art.stages)})")
+    seconds = art.metrics.get("stage_seconds", {})
+    print(f"bundle: {args.out}  (stages: {', '.join(art.stages)}; seconds: {seconds})")
     if art.calibration is not None:
         print(f"threshold: {art.calibration.threshold:.4f}")
     return 0
