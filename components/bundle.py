@@ -103,8 +103,8 @@ def write_bundle(
     return out_dir
 
 
-def verify_bundle(bundle_dir: Path) -> dict[str, Any]:
-    """Check the manifest and every file's size and sha256; return the manifest or raise :class:`BundleError`."""
+def read_manifest(bundle_dir: Path) -> dict[str, Any]:
+    """The bundle's manifest, with a clear :class:`BundleError` when it is missing, damaged or of another format."""
     bundle_dir = Path(bundle_dir)
     path = bundle_dir / MANIFEST
     if not path.is_file():
@@ -120,6 +120,13 @@ def verify_bundle(bundle_dir: Path) -> dict[str, Any]:
         raise BundleError(
             f"{bundle_dir} has bundle format {version}, this tocoad reads format {FORMAT_VERSION}"
         )
+    return manifest
+
+
+def verify_bundle(bundle_dir: Path) -> dict[str, Any]:
+    """Check the manifest and every file's size and sha256; return the manifest or raise :class:`BundleError`."""
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
     for name, info in manifest.get("files", {}).items():
         file = bundle_dir / name
         if not file.is_file():

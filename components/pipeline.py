@@ -23,7 +23,15 @@ import numpy as np
 import torch
 
 from components.backbone import FeatureExtractor, create_feature_extractor
-from components.bundle import BundleError, load_tensors, save_tensors, verify_bundle, write_bundle, write_json
+from components.bundle import (
+    BundleError,
+    load_tensors,
+    read_manifest,
+    save_tensors,
+    verify_bundle,
+    write_bundle,
+    write_json,
+)
 from components.calibration import Calibration, fit_calibration
 from components.config import TocoadConfig
 from components.contrastive import ProjectionHeads, train_contrastive
@@ -264,6 +272,11 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
+def bundle_config(bundle_dir: Path) -> TocoadConfig:
+    """The config a bundle was made with, read from its manifest without loading any weights."""
+    return TocoadConfig.from_dict(read_manifest(bundle_dir)["config"])
+
+
 def check_compatible(previous: TocoadConfig, cfg: TocoadConfig, stage: str) -> None:
     """Refuse to continue from a stage output whose earlier-stage settings differ from ``cfg``."""
     for earlier in STAGES[: STAGES.index(stage)]:
@@ -290,7 +303,6 @@ def train(
     """Run all stages (``stage=None``) or one stage from ``previous``'s output, and save the bundle."""
     device = resolve_device(cfg.runtime.device)
     data = discover(Path(data_root), cfg.data.layout)
-    train_samples, _ = training_split(cfg, data)
     data_fp = fingerprint(data.train)
     if stage in (None, "d"):
         art = Artifacts(cfg, data_fp)

@@ -53,7 +53,7 @@ def predict_files(bundle: Path, paths: list[Path], heatmap_dir: Path | None = No
         if heatmap_dir is not None and amap is not None:
             heatmap_dir.mkdir(parents=True, exist_ok=True)
             cal = model.calibration
-            vmax = cal.pixel_max if cal is not None and getattr(cal, "pixel_max", None) else float(amap.max())
+            vmax = cal.pixel_max if cal is not None and cal.pixel_max else float(amap.max())
             small = resize_rgb(img, amap.shape)
             out = heatmap_dir / f"{Path(path).stem}_heatmap.png"
             Image.fromarray(overlay_heatmap(small, amap, 0.0, vmax)).save(out)

@@ -35,11 +35,11 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train all stages, or one stage from the previous one's output."""
-    from components.pipeline import load_artifacts, train
+    from components.pipeline import bundle_config, train
 
     cfg = _config(args)
     if args.stage and args.stage != "d" and args.source and not args.config and not args.set:
-        cfg = load_artifacts(args.source).cfg  # continue with the config the earlier stages used
+        cfg = bundle_config(args.source)  # continue with the config the earlier stages used
     art = train(
         cfg, Path(args.data), Path(args.out), stage=args.stage, previous=args.source, overwrite=args.overwrite
     )
