@@ -38,3 +38,33 @@ def bottle_dir() -> Path:
 def tire_dir() -> Path:
     """MVTec 3D-AD tire (RGB) at 256 px from ../shared/data."""
     return _require(SHARED_DATA / "mvtec_3d_rgb" / "tire")
+
+
+_S3_ENV = ("TOCOAD_S3_ENDPOINT", "S3_ENDPOINT", "AWS_ENDPOINT_URL", "TOCOAD_S3_ACCESS_KEY", "TOCOAD_S3_SECRET_KEY",
+           "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "TOCOAD_S3_ROLE", "TOCOAD_MODELS_BUCKET",
+           "TOCOAD_DATASETS_BUCKET")  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real local S3 server (SeaweedFS ``weed mini``) in a private TOCOAD_HOME, for the whole session.
+
+    Yields the :class:`storage.local_server.LocalS3`; commands in the tests find it through ``TOCOAD_HOME``.
+    """
+    from storage.local_server import LocalS3
+
+    saved = {k: os.environ.pop(k) for k in _S3_ENV if k in os.environ}
+    home = tmp_path_factory.mktemp("tocoad-home")
+    old_home = os.environ.get("TOCOAD_HOME")
+    os.environ.update(TOCOAD_HOME=str(home), TOCOAD_PROGRESS="0", TOCOAD_S3_RETRIES="3")
+    server = LocalS3(home / "s3")
+    server.up()
+    try:
+        yield server
+    finally:
+        server.down()
+        os.environ.update(saved)
+        if old_home is None:
+            os.environ.pop("TOCOAD_HOME", None)
+        else:
+            os.environ["TOCOAD_HOME"] = old_home

@@ -1,6 +1,6 @@
 """The ``tocoad`` command line: train, evaluate, predict, demo, config.
 
-Errors that a user can fix (bad config, bad path, unreadable image, damaged bundle) print one clear message and
+Errors that a user can fix (bad config, bad path, unreadable image, damaged bundle, S3 trouble) print one clear message and
 exit with status 2; nothing prints a traceback unless ``TOCOAD_DEBUG=1``.
 """
 
@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 EXIT_USAGE = 2
@@ -36,17 +37,29 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train all stages, or one stage from the previous one's output."""
     from components.pipeline import bundle_config, train
+    from tocoad.cli_storage import register_trained, resolve_data
 
     cfg = _config(args)
     if args.stage and args.stage != "d" and args.source and not args.config and not args.set:
         cfg = bundle_config(args.source)  # continue with the config the earlier stages used
-    art = train(
-        cfg, Path(args.data), Path(args.out), stage=args.stage, previous=args.source, overwrite=args.overwrite
-    )
-    seconds = art.metrics.get("stage_seconds", {})
-    print(f"bundle: {args.out}  (stages: {', '.join(art.stages)}; seconds: {seconds})")
-    if art.calibration is not None:
-        print(f"threshold: {art.calibration.threshold:.4f}")
+    if args.out is None and not args.to_registry:
+        raise ValueError("say where the bundle goes: --out DIR, or --to-registry NAME (or both)")
+    with tempfile.TemporaryDirectory(prefix="tocoad-train-") as scratch:
+        out = Path(args.out) if args.out else Path(scratch) / "bundle"
+        art = train(
+            cfg,
+            resolve_data(args.data),
+            out,
+            stage=args.stage,
+            previous=args.source,
+            overwrite=args.overwrite,
+        )
+        seconds = art.metrics.get("stage_seconds", {})
+        print(f"bundle: {args.out or '(temporary)'}  (stages: {', '.join(art.stages)}; seconds: {seconds})")
+        if art.calibration is not None:
+            print(f"threshold: {art.calibration.threshold:.4f}")
+        if args.to_registry:
+            print(f"registered candidate: {register_trained(out, args.to_registry, args.keep)}")
     return 0
 
 
@@ -55,7 +68,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from components.evaluate import evaluate
 
     out = Path(args.out) if args.out else Path(args.bundle).with_name(Path(args.bundle).name + "-report")
-    metrics = evaluate(Path(args.bundle), Path(args.data), out, progress=not args.quiet)
+    from tocoad.cli_storage import resolve_data
+
+    metrics = evaluate(Path(args.bundle), resolve_data(args.data), out, progress=not args.quiet)
     _print_metrics(metrics)
     print(f"metrics: {out / 'metrics.json'}")
     print(f"report:  {metrics['report']}")
@@ -126,9 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("train", help="train a model bundle (all stages, or one with --stage)")
     sp.add_argument(
-        "--data", required=True, help="dataset folder (MVTec, VisA, BTAD layout or a folder of images)"
+        "--data",
+        required=True,
+        help="dataset folder (MVTec, VisA, BTAD layout or a folder of images), or s3://datasets/NAME[/VERSION]",
     )
-    sp.add_argument("--out", required=True, help="output bundle directory")
+    sp.add_argument("--out", help="output bundle directory")
+    sp.add_argument(
+        "--to-registry", metavar="NAME", help="upload the bundle as a new candidate version of NAME"
+    )
+    sp.add_argument(
+        "--keep", type=int, help="with --to-registry: prune to the newest N versions (aliased kept)"
+    )
     sp.add_argument("--stage", choices=["d", "c", "bank"], help="run only this stage")
     sp.add_argument(
         "--from", dest="source", type=Path, help="the previous stage's output (for --stage c|bank)"
@@ -155,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="runs/demo", help="working folder (default runs/demo)")
     with_config(sp)
     sp.set_defaults(func=cmd_demo)
+
+    from tocoad.cli_storage import add_parsers
+
+    add_parsers(sub)
     return p
 
 
@@ -170,10 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ValueError, OSError) as exc:  # our errors are ValueError subclasses with a clear text
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except RuntimeError as exc:  # e.g. out of memory inside torch
+        return getattr(exc, "exit_code", EXIT_USAGE)
+    except RuntimeError as exc:  # e.g. out of memory inside torch, or the local S3 server failing to start
         print(f"error: {exc}\n(set TOCOAD_DEBUG=1 for a traceback)", file=sys.stderr)
-        return 1
+        return getattr(exc, "exit_code", 1)
 
 
 if __name__ == "__main__":
