@@ -182,6 +182,84 @@ class RuntimeConfig(_Section):
     progress: bool = Field(True, description="Show progress bars.")
 
 
+class ValidationSettings(_Section):
+    min_images: int = Field(20, ge=1, description="Fewest training images a dataset may have.")
+    allow_mixed_sizes: bool = Field(
+        False,
+        description="False: every image must share one width x height x channels layout; "
+        "True: any size with both sides within min_side..max_side.",
+    )
+    min_side: int = Field(64, ge=8, description="Smallest image side in px allowed when allow_mixed_sizes.")
+    max_side: int = Field(8192, ge=8, description="Largest image side in px allowed when allow_mixed_sizes.")
+    near_duplicate_hamming: int = Field(
+        4,
+        ge=0,
+        le=64,
+        description="Two images whose 64-bit perceptual hashes differ in at most this many bits are "
+        "near-duplicates.",
+    )
+    max_near_duplicate_ratio: float = Field(
+        0.1, ge=0.0, le=1.0, description="Largest share of images that may be near-duplicates of another."
+    )
+    brightness: tuple[float, float] = Field(
+        (0.02, 0.98),
+        description="Allowed mean grey in [0, 1] without a production profile (bottle 0.52-0.55, "
+        "tire 0.07-0.08; black 0 and white 1 fail).",
+    )
+    contrast: tuple[float, float] = Field(
+        (0.01, 0.5),
+        description="Allowed grey std in [0, 1] without a production profile (bottle 0.35-0.37, "
+        "tire 0.03-0.07; a blank image's 0 fails; 0.5 is the largest possible).",
+    )
+    sharpness: tuple[float, float] = Field(
+        (1e-5, 1.0),
+        description="Allowed variance of the grey Laplacian without a production profile (at 64-256 px: bottle "
+        "2e-3 to 2.4e-2, tire 8e-4 to 5e-3; a blank image's 0 and pure pixel noise (~1.7) fail).",
+    )
+    profile_margin: float = Field(
+        0.5,
+        ge=0.0,
+        description="With a production profile a statistic must lie in [q0 - m*(q100-q0), q100 + m*(q100-q0)] "
+        "of its training quantiles; this is m.",
+    )
+    profile_rel_margin: float = Field(
+        0.25,
+        ge=0.0,
+        description="Floor on that widening, relative to the statistic's training median: a profile from few "
+        "held-out images has a narrow range, and a few percent of lighting change is not a new data set.",
+    )
+    stat_mostly: float = Field(
+        0.98, ge=0.0, le=1.0, description="Share of images whose statistics must lie within the bounds."
+    )
+
+    @model_validator(mode="after")
+    def _ranges(self) -> ValidationSettings:
+        if self.min_side > self.max_side:
+            raise ValueError("min_side must not exceed max_side")
+        for name in ("brightness", "contrast", "sharpness"):
+            low, high = getattr(self, name)
+            if low > high:
+                raise ValueError(f"{name}: the lower bound must not exceed the upper one")
+        return self
+
+
+class PromotionSettings(_Section):
+    metrics: list[str] = Field(
+        ["image_auroc", "pixel_auroc", "aupro"],
+        min_length=1,
+        description="Evaluation metrics (higher is better) a candidate is compared on against production.",
+    )
+    max_drop_points: float = Field(
+        0.5,
+        ge=0.0,
+        description="A candidate is promoted only if no listed metric is worse than production's by more "
+        "than this many percentage points (the evaluation reports metrics in percent).",
+    )
+    require_metrics: bool = Field(
+        True, description="Refuse promotion when a listed metric is missing from either model's report."
+    )
+
+
 class TocoadConfig(_Section):
     """Everything that defines a model. Sections map one-to-one to the training stages."""
 
@@ -193,6 +271,8 @@ class TocoadConfig(_Section):
     bank: BankConfig = BankConfig()
     calibration: CalibrationConfig = CalibrationConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    validation: ValidationSettings = ValidationSettings()
+    promotion: PromotionSettings = PromotionSettings()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> TocoadConfig:

@@ -35,26 +35,30 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train all stages, or one stage from the previous one's output."""
+    """Train all stages, or one stage from the previous one's output (local folders or S3 URIs)."""
     from components.pipeline import bundle_config, train
-    from tocoad.cli_storage import register_trained, resolve_data
+    from tocoad.cli_storage import input_bundle, publish, published, register_trained, resolve_data
 
-    cfg = _config(args)
-    if args.stage and args.stage != "d" and args.source and not args.config and not args.set:
-        cfg = bundle_config(args.source)  # continue with the config the earlier stages used
     if args.out is None and not args.to_registry:
-        raise ValueError("say where the bundle goes: --out DIR, or --to-registry NAME (or both)")
+        raise ValueError("say where the bundle goes: --out DIR|s3://..., or --to-registry NAME (or both)")
+    if args.out and published(args.out):  # a stage job re-run after its output landed: nothing to do
+        print(f"bundle: {args.out} exists already (cached); nothing to do")
+        return 0
     with tempfile.TemporaryDirectory(prefix="tocoad-train-") as scratch:
-        out = Path(args.out) if args.out else Path(scratch) / "bundle"
+        source = input_bundle(args.source, Path(scratch) / "from") if args.source else None
+        cfg = _config(args)
+        if args.stage and args.stage != "d" and source and not args.config and not args.set:
+            cfg = bundle_config(source)  # continue with the config the earlier stages used
+        if os.environ.get("TOCOAD_PROGRESS") == "0":  # a job whose output goes to a log: no progress bars
+            cfg = cfg.with_overrides(["runtime.progress=false"])
+        remote = bool(args.out) and str(args.out).startswith("s3://")
+        out = Path(args.out) if args.out and not remote else Path(scratch) / "bundle"
         art = train(
-            cfg,
-            resolve_data(args.data),
-            out,
-            stage=args.stage,
-            previous=args.source,
-            overwrite=args.overwrite,
+            cfg, resolve_data(args.data), out, stage=args.stage, previous=source, overwrite=args.overwrite
         )
         seconds = art.metrics.get("stage_seconds", {})
+        if remote:
+            publish(out, args.out)
         print(f"bundle: {args.out or '(temporary)'}  (stages: {', '.join(art.stages)}; seconds: {seconds})")
         if art.calibration is not None:
             print(f"threshold: {art.calibration.threshold:.4f}")
@@ -64,16 +68,27 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Evaluate a bundle on a labelled test split and write the report."""
+    """Evaluate a bundle on a labelled test split and write the report (local folders or S3 URIs)."""
     from components.evaluate import evaluate
+    from tocoad.cli_storage import input_bundle, publish, published, resolve_data
 
-    out = Path(args.out) if args.out else Path(args.bundle).with_name(Path(args.bundle).name + "-report")
-    from tocoad.cli_storage import resolve_data
-
-    metrics = evaluate(Path(args.bundle), resolve_data(args.data), out, progress=not args.quiet)
-    _print_metrics(metrics)
-    print(f"metrics: {out / 'metrics.json'}")
-    print(f"report:  {metrics['report']}")
+    if args.out and published(args.out, marker="metrics.json"):
+        print(f"metrics: {args.out} exist already (cached); nothing to do")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="tocoad-eval-") as scratch:
+        bundle = input_bundle(args.bundle, Path(scratch) / "bundle")
+        remote = bool(args.out) and str(args.out).startswith("s3://")
+        if args.out and not remote:
+            out = Path(args.out)
+        else:
+            out = Path(scratch) / "report" if remote else bundle.with_name(bundle.name + "-report")
+        metrics = evaluate(bundle, resolve_data(args.data), out, progress=not args.quiet)
+        _print_metrics(metrics)
+        if remote:
+            publish(out, args.out, marker="metrics.json")
+            out = args.out
+        print(f"metrics: {out}/metrics.json")
+        print(f"report:  {out}/index.html")
     return 0
 
 
@@ -95,26 +110,34 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job: make the demo data set, train on it, evaluate, print metrics and the report's path."""
+    """The main job, end to end from an empty machine: demo data -> dataset registry -> retraining flow.
+
+    The flow validates the images, runs stage D, the contrastive stage and the memory bank as local jobs,
+    evaluates, registers the candidate and promotes it; the evaluation report is copied to ``OUT/report``.
+    """
     from components.demo_data import make_demo_dataset
-    from components.evaluate import evaluate
-    from components.pipeline import train
+    from storage.datasets import DatasetRegistry
+    from tocoad.cli_flow import config_dict, run_flow
+    from tocoad.cli_storage import _store, download_prefix
 
     out = Path(args.out)
     data = out / "data"
     if not (data / "train").exists():
         print(f"making demo data in {data}")
         make_demo_dataset(data, seed=0)
+    config = config_dict(args.config, args.set)
     # The demo images are 128 px; training at that size keeps the demo to a few minutes on a laptop CPU.
-    cfg = _config(args)
-    if not any(item.startswith("data.image_size=") for item in args.set or []) and not args.config:
-        cfg = cfg.with_overrides(["data.image_size=128", "generator.max_scale=5"])
-    bundle = out / "bundle"
-    train(cfg, data, bundle, overwrite=True)
-    metrics = evaluate(bundle, data, out / "report")
+    if "data.image_size" not in config and not args.config:
+        config.update({"data.image_size": 128, "generator.max_scale": 5})
+    store = _store()
+    version = DatasetRegistry(store).push(data, "demo", note="tocoad demo data")
+    print(f"pushed {data} as dataset demo@{version} ({store.describe()['endpoint']})")
+    result = run_flow("demo", "demo", config, dataset_version=version)
+    metrics = result["candidate_metrics"] or {}
     _print_metrics(metrics)
-    print(f"bundle:  {bundle}")
-    print(f"report:  {metrics['report']}")
+    report = download_prefix(result["evaluations"]["candidate"], out / "report")
+    print(f"candidate: {result['candidate']}  promoted: {result['promoted']} ({result['reason']})")
+    print(f"report:  {report / 'index.html'}")
     return 0
 
 
@@ -145,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="dataset folder (MVTec, VisA, BTAD layout or a folder of images), or s3://datasets/NAME[/VERSION]",
     )
-    sp.add_argument("--out", help="output bundle directory")
+    sp.add_argument(
+        "--out", help="output bundle: a directory, or s3://models/... (skipped when it exists there)"
+    )
     sp.add_argument(
         "--to-registry", metavar="NAME", help="upload the bundle as a new candidate version of NAME"
     )
@@ -154,16 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--stage", choices=["d", "c", "bank"], help="run only this stage")
     sp.add_argument(
-        "--from", dest="source", type=Path, help="the previous stage's output (for --stage c|bank)"
+        "--from",
+        dest="source",
+        help="the previous stage's output, a directory or s3://... (for --stage c|bank)",
     )
     sp.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
     with_config(sp)
     sp.set_defaults(func=cmd_train)
 
     sp = sub.add_parser("evaluate", help="metrics and HTML report on a labelled test split")
-    sp.add_argument("--bundle", required=True)
-    sp.add_argument("--data", required=True)
-    sp.add_argument("--out", help="report directory (default: BUNDLE-report)")
+    sp.add_argument("--bundle", required=True, help="a bundle directory or s3://models/NAME/VERSION")
+    sp.add_argument("--data", required=True, help="dataset folder or s3://datasets/NAME[/VERSION]")
+    sp.add_argument("--out", help="report directory or s3://... (default: BUNDLE-report)")
     sp.add_argument("--quiet", action="store_true", help="no progress bars")
     sp.set_defaults(func=cmd_evaluate)
 
@@ -179,9 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sp)
     sp.set_defaults(func=cmd_demo)
 
-    from tocoad.cli_storage import add_parsers
+    from tocoad import cli_flow, cli_storage
 
-    add_parsers(sub)
+    cli_storage.add_parsers(sub)
+    cli_flow.add_parsers(sub)
     return p
 
 

@@ -32,6 +32,57 @@ def resolve_data(data: str) -> Path:
     return folder
 
 
+def input_bundle(ref: str | Path, scratch: Path) -> Path:
+    """A local bundle folder for ``--from``/``--bundle``: a path, or an S3 prefix pulled (verified) to ``scratch``."""
+    if not str(ref).startswith("s3://"):
+        return Path(ref)
+    from storage.registry import parse_s3_uri, pull_bundle
+
+    bucket, prefix = parse_s3_uri(str(ref))
+    return pull_bundle(_store(), bucket, prefix, scratch)
+
+
+def published(uri: str | Path, marker: str = "manifest.json") -> bool:
+    """Whether an S3 output (a stage's bundle or report) is already committed; always False for local paths."""
+    if not str(uri).startswith("s3://"):
+        return False
+    from storage.registry import parse_s3_uri
+
+    bucket, prefix = parse_s3_uri(str(uri))
+    return _store().stat(bucket, f"{prefix}/{marker}") is not None
+
+
+def publish(folder: Path, uri: str, marker: str = "manifest.json") -> None:
+    """Upload a stage's output folder to an S3 prefix, the ``marker`` file last (it commits the output)."""
+    from components.bundle import sha256_file
+    from storage.registry import parse_s3_uri, push_bundle
+    from storage.trees import push_tree
+
+    store = _store()
+    bucket, prefix = parse_s3_uri(uri)
+    if marker == "manifest.json":
+        push_bundle(store, bucket, prefix, folder)
+        return
+    files = {
+        p.relative_to(folder).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(Path(folder).rglob("*"))
+        if p.is_file() and p.name != marker
+    }
+    push_tree(store, bucket, prefix, folder, files, resume=True)
+    store.put_file(bucket, f"{prefix}/{marker}", Path(folder) / marker)
+
+
+def download_prefix(uri: str, dest: Path) -> Path:
+    """Copy every object under an S3 prefix (e.g. an evaluation report) into a local folder, verified."""
+    from storage.registry import parse_s3_uri
+
+    store = _store()
+    bucket, prefix = parse_s3_uri(uri)
+    for key in store.list(bucket, prefix + "/"):
+        store.get_file(bucket, key, Path(dest) / key[len(prefix) + 1 :])
+    return Path(dest)
+
+
 # ---------------------------------------------------------------- storage
 def cmd_storage(args: argparse.Namespace) -> int:
     """Start, check or stop the local S3 server."""
@@ -60,7 +111,22 @@ def cmd_data_push(args: argparse.Namespace) -> int:
 
     version = DatasetRegistry(_store(args.role)).push(Path(args.dir), args.name, note=args.note or "")
     print(version)
+    announce_dataset(args.name, version)
     return 0
+
+
+def announce_dataset(name: str, version: str) -> None:
+    """Emit the Prefect event ``tocoad.dataset.pushed`` (it triggers ``retrain-on-new-data``) when a Prefect
+    API is configured; without one there is nobody to tell."""
+    if not os.environ.get("PREFECT_API_URL"):
+        return
+    from prefect.events import emit_event
+
+    emit_event(
+        event="tocoad.dataset.pushed",
+        resource={"prefect.resource.id": f"tocoad.dataset.{name}", "prefect.resource.name": name},
+        payload={"version": version},
+    )
 
 
 def cmd_data_list(args: argparse.Namespace) -> int:
