@@ -40,7 +40,9 @@ def run_flow(
     _prefect_defaults()
     from flows.retrain import retrain
 
-    return retrain(dataset=dataset, model_name=model, config=config, runner=runner, **kw)  # kw: return_state, ...
+    return retrain(
+        dataset=dataset, model_name=model, config=config, runner=runner, **kw
+    )  # kw: return_state, ...
 
 
 def cmd_flow_run(args: argparse.Namespace) -> int:
