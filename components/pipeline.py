@@ -168,14 +168,16 @@ def build_bank(art: Artifacts, train: list[Sample], holdout: list[Sample], devic
         normal_scores.append(pred.scores)
         normal_maps.append(pred.maps)
         nn_dist.append(pred.patch_scores.ravel())
-        for key, value in image_statistics(images).items():
-            stats.setdefault(key, []).append(value)
         for _ in range(cfg.calibration.synthetic_per_image):
             synth = gen(images, rng)
             spred = model.predict(synth.image)
             synth_scores.append(spred.scores)
             synth_maps.append(spred.maps)
             synth_masks.append(synth.mask[:, 0].cpu().numpy() > 0.5)
+    # image statistics of every training image (cheap), so the drift and validation bounds are not 10 % estimates
+    for batch in data_loader(cfg, train + holdout, cfg.runtime.batch_size, shuffle=False):
+        for key, value in image_statistics(batch["image"]).items():
+            stats.setdefault(key, []).append(value)
     normal_scores_a = np.concatenate(normal_scores)
     synth_scores_a = np.concatenate(synth_scores) if synth_scores else None
     pixel_kwargs = {}

@@ -17,8 +17,9 @@ def deploy_version(model_name: str, storage_uri: str, cluster: bool) -> str:
         return (
             "no local predictor to notify (set TOCOAD_PREDICTOR_URL); it picks production up when it starts"
         )
+    served = os.environ.get("TOCOAD_PREDICTOR_MODEL", "tocoad")  # the model's name in the predictor's URLs
     request = urllib.request.Request(
-        f"{url.rstrip('/')}/v2/models/{model_name}/reload",
+        f"{url.rstrip('/')}/v2/models/{served}/reload",
         data=json.dumps({"storage_uri": storage_uri}).encode(),
         headers={"Content-Type": "application/json"},
         method="POST",
@@ -34,13 +35,19 @@ def deploy_version(model_name: str, storage_uri: str, cluster: bool) -> str:
         raise ConnectionError(f"cannot reach the predictor at {url}: {exc}") from None
 
 
-def inference_service_patch(storage_uri: str) -> dict:
-    """The merge patch that points an InferenceService's predictor at a new bundle."""
-    return {"spec": {"predictor": {"model": {"storageUri": storage_uri}}}}
+def inference_service_patch(storage_uri: str) -> list[dict]:
+    """The JSON patch that points the custom predictor at a new bundle: the ``STORAGE_URI`` env of the container
+    ``kserve-container`` (which KServe's storage initializer reads), guarded by tests of both names."""
+    return [
+        {"op": "test", "path": "/spec/predictor/containers/0/name", "value": "kserve-container"},
+        {"op": "test", "path": "/spec/predictor/containers/0/env/0/name", "value": "STORAGE_URI"},
+        {"op": "replace", "path": "/spec/predictor/containers/0/env/0/value", "value": storage_uri},
+    ]
 
 
 def patch_inference_service(model_name: str, storage_uri: str) -> str:
-    """Patch ``InferenceService/<model_name>`` in ``$TOCOAD_K8S_NAMESPACE`` (default tocoad) to ``storage_uri``."""
+    """Patch ``InferenceService/$TOCOAD_ISVC_NAME`` (default tocoad) in ``$TOCOAD_K8S_NAMESPACE`` (default
+    tocoad) to serve ``storage_uri`` (a version of ``model_name``)."""
     from kubernetes import client, config
 
     try:
@@ -48,12 +55,9 @@ def patch_inference_service(model_name: str, storage_uri: str) -> str:
     except config.ConfigException:
         config.load_kube_config()
     namespace = os.environ.get("TOCOAD_K8S_NAMESPACE", "tocoad")
+    name = os.environ.get("TOCOAD_ISVC_NAME", "tocoad")
     client.CustomObjectsApi().patch_namespaced_custom_object(
-        "serving.kserve.io",
-        "v1beta1",
-        namespace,
-        "inferenceservices",
-        model_name,
-        inference_service_patch(storage_uri),
-    )
-    return f"InferenceService {namespace}/{model_name} now serves {storage_uri}"
+        "serving.kserve.io", "v1beta1", namespace, "inferenceservices", name,
+        inference_service_patch(storage_uri), _content_type="application/json-patch+json",
+    )  # fmt: skip
+    return f"InferenceService {namespace}/{name} now serves {model_name}: {storage_uri}"

@@ -68,3 +68,126 @@ def s3_server(tmp_path_factory):
             os.environ.pop("TOCOAD_HOME", None)
         else:
             os.environ["TOCOAD_HOME"] = old_home
+
+
+# ---------------------------------------------------------------- serving
+SERVE_TINY = [
+    "data.image_size=64",
+    "generator.max_scale=3",
+    "stage_d.epochs=1",
+    "stage_d.width=16",
+    "contrastive.epochs=1",
+    "contrastive.proj_dim=32",
+    "contrastive.pred_dim=8",
+    "runtime.num_workers=0",
+    "runtime.progress=false",
+]
+
+
+@pytest.fixture(scope="session")
+def serve_data(tmp_path_factory):
+    """A small demo data set (64 px) for the serving tests."""
+    from components.demo_data import make_demo_dataset
+
+    return make_demo_dataset(tmp_path_factory.mktemp("serve") / "data", n_train=30, n_test_good=12,
+                             n_test_defect=12, image_size=64)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def serve_bundles(serve_data, tmp_path_factory):
+    """Two tiny trained bundles (different seeds, so different versions) and a corrupt copy of the first."""
+    import shutil
+
+    from components.config import TocoadConfig
+    from components.pipeline import train
+
+    root = tmp_path_factory.mktemp("bundles")
+    out = []
+    for seed in (0, 1):
+        cfg = TocoadConfig().with_overrides([*SERVE_TINY, f"runtime.seed={seed}"])
+        train(cfg, serve_data, root / f"b{seed}")
+        out.append(root / f"b{seed}")
+    corrupt = root / "corrupt"
+    shutil.copytree(out[0], corrupt)
+    (corrupt / "index.faiss").write_bytes(b"tampered")
+    return out[0], out[1], corrupt
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Predictor:
+    """A real ``tocoad serve`` subprocess on a loopback port."""
+
+    def __init__(self, bundle, env: dict[str, str] | None = None):
+        import subprocess
+        import sys
+
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(Path(bundle).parent / f"serve-{self.port}.log", "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tocoad.cli", "serve", "--bundle", str(bundle), "--port", str(self.port)],
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        )  # fmt: skip
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tocoad serve exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                if httpx.get(f"{self.url}/v2/models/tocoad/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"tocoad serve not ready after {timeout} s; see {self.log.name}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except Exception:  # noqa: BLE001
+            self.proc.kill()
+        self.log.close()
+
+
+def b64_png(image) -> str:
+    """A uint8 RGB array as base64 PNG."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="session")
+def live_predictor(serve_bundles, serve_data):
+    """A running predictor that has served normal and defective images; yields its base URL."""
+    import httpx
+    import numpy as np
+    from PIL import Image
+
+    server = Predictor(serve_bundles[0], env={"TOCOAD_SERVE_DRIFT_MIN_IMAGES": "5"})
+    try:
+        paths = sorted((serve_data / "test").rglob("*.png"))
+        images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+        body = {"instances": [{"image": {"b64": b64_png(im)}} for im in images]}
+        httpx.post(f"{server.url}/v1/models/tocoad:predict", json=body, timeout=60).raise_for_status()
+        yield server.url
+    finally:
+        server.stop()

@@ -138,6 +138,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     report = download_prefix(result["evaluations"]["candidate"], out / "report")
     print(f"candidate: {result['candidate']}  promoted: {result['promoted']} ({result['reason']})")
     print(f"report:  {report / 'index.html'}")
+    from tocoad.demo_serving import serve_and_probe
+
+    serve_and_probe("demo", data, out)
     return 0
 
 
@@ -206,10 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sp)
     sp.set_defaults(func=cmd_demo)
 
-    from tocoad import cli_flow, cli_storage
+    from tocoad import cli_flow, cli_serve, cli_storage
 
     cli_storage.add_parsers(sub)
     cli_flow.add_parsers(sub)
+    cli_serve.add_parsers(sub)
     return p
 
 

@@ -1,0 +1,71 @@
+"""The end of the main job: start the predictor on the promoted model, send a few requests, show the metrics."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+SHOWN = ("tocoad_predictions_total", "tocoad_defect_rate", "tocoad_model_info", "tocoad_drift_window_images",
+         "tocoad_request_errors_total")  # fmt: skip
+
+
+def _port(preferred: int = 8080) -> int:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+            return preferred
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+
+def _call(url: str, body: dict | None = None, timeout: float = 60) -> str:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return resp.read().decode()
+
+
+def serve_and_probe(model: str, data: Path, out: Path) -> str:
+    """Start ``tocoad serve --model`` in the background (it keeps serving), score demo test images, print metrics."""
+    port = _port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(out / "predictor.log", "w")  # noqa: SIM115 - handed to the server process
+    proc = subprocess.Popen([sys.executable, "-m", "tocoad.cli", "serve", "--model", model, "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "TOCOAD_SERVE_DRIFT_MIN_IMAGES": "4"})  # fmt: skip
+    deadline = time.monotonic() + 180
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the predictor exited with {proc.returncode}; see {out / 'predictor.log'}")
+        try:
+            _call(f"{url}/v2/models/tocoad/ready", timeout=2)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the predictor did not get ready; see {out / 'predictor.log'}") from None
+            time.sleep(0.5)
+    paths = (
+        sorted((data / "test" / "good").glob("*.png"))[:2]
+        + sorted(p for p in (data / "test").rglob("*.png") if p.parent.name != "good")[:2]
+    )
+    body = {"instances": [{"image": {"b64": base64.b64encode(p.read_bytes()).decode()}} for p in paths]}
+    predictions = json.loads(_call(f"{url}/v1/models/tocoad:predict", body))["predictions"]
+    print(f"\npredictor: {url} (pid {proc.pid}, serving {model} production; log {out / 'predictor.log'})")
+    for path, pred in zip(paths, predictions, strict=True):
+        print(f"  {path.parent.name}/{path.name}: {pred['label']:<9} score={pred['score']:.3f} "
+              f"normalized={pred['normalized']:.3f} version={pred['model_version']}")  # fmt: skip
+    metrics = _call(f"{url}/metrics")
+    print("metrics:")
+    for line in metrics.splitlines():
+        if line.startswith(SHOWN):
+            print(f"  {line}")
+    print(f"stop the predictor with: kill {proc.pid}   (and the S3 server with: tocoad storage down)")
+    return url
