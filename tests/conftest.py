@@ -71,7 +71,7 @@ def s3_server(tmp_path_factory):
 
 
 # ---------------------------------------------------------------- serving
-SERVE_TINY = [
+TINY = [  # tiny images, epochs and heads: a whole training in seconds
     "data.image_size=64",
     "generator.max_scale=3",
     "stage_d.epochs=1",
@@ -104,7 +104,7 @@ def serve_bundles(serve_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("bundles")
     out = []
     for seed in (0, 1):
-        cfg = TocoadConfig().with_overrides([*SERVE_TINY, f"runtime.seed={seed}"])
+        cfg = TocoadConfig().with_overrides([*TINY, f"runtime.seed={seed}"])
         train(cfg, serve_data, root / f"b{seed}")
         out.append(root / f"b{seed}")
     corrupt = root / "corrupt"

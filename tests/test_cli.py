@@ -6,22 +6,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import TINY  # the tiny training settings shared by the tests
 
 from components.demo_data import make_demo_dataset
 from components.pipeline import load_artifacts
 from tocoad.cli import main
-
-TINY = [
-    "data.image_size=64",
-    "generator.max_scale=3",
-    "stage_d.epochs=1",
-    "stage_d.width=16",
-    "contrastive.epochs=1",
-    "contrastive.proj_dim=32",
-    "contrastive.pred_dim=8",
-    "runtime.num_workers=0",
-    "runtime.progress=false",
-]
 
 
 def _sets(items):

@@ -30,6 +30,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     )
 
 import urllib3
+from k8s_util import K8S_VERSIONS, REPO, kubernetes_validate
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 from prefect.client.schemas.objects import Flow, FlowRun
@@ -41,10 +42,8 @@ from flows.k8s_jobs import JobSettings, KubernetesRunner, render_stage_job
 from flows.k8s_render import render_flow_run_job
 from flows.runner import StageFailed, StageSpec, make_runner
 
-REPO = Path(__file__).resolve().parents[1]
 PREFECT_DIR = REPO / "k8s" / "prefect"
 TEMPLATE = PREFECT_DIR / "base-job-template.json"
-K8S_VERSIONS = ("1.34.0", "1.37.0")  # as in test_k8s_minio.py
 IMAGE = "ghcr.io/tocoad/tocoad-train:0.1.0"
 
 

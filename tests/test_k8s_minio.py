@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,22 +11,12 @@ from typing import Any
 
 import pytest
 import yaml
+from k8s_util import K8S, K8S_VERSIONS, kubernetes_validate
 
 from storage.identities import BUCKETS, IDENTITIES, minio_policy
 from storage.k8s_secrets import generate_credentials, main, render_yaml, secret_manifests
 
-try:
-    import kubernetes_validate
-except ImportError:  # pragma: no cover - depends on the environment
-    if os.environ.get("CI", "").lower() == "true":
-        raise
-    pytest.skip("kubernetes-validate is not installed", allow_module_level=True)
-
-REPO = Path(__file__).resolve().parents[1]
-K8S = REPO / "k8s"
 MINIO = K8S / "minio"
-# Pinned schema versions of kubernetes-validate (1.37.0 installed): a current release and the newest known.
-K8S_VERSIONS = ("1.34.0", "1.37.0")
 
 
 def _load(path: Path) -> list[dict[str, Any]]:

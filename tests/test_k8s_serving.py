@@ -30,25 +30,15 @@ import jsonpatch
 import jsonschema
 import pytest
 import yaml
+from k8s_util import K8S, K8S_VERSIONS, REPO, kubernetes_validate
+from kubernetes_validate.utils import schema_contents
 from referencing import Registry, Resource
 
 from storage.k8s_secrets import SECRET_PREFIX, secret_manifests
 
-try:
-    import kubernetes_validate
-    from kubernetes_validate.utils import schema_contents
-except ImportError:  # pragma: no cover - depends on the environment
-    if os.environ.get("CI", "").lower() == "true":
-        raise
-    pytest.skip("kubernetes-validate is not installed", allow_module_level=True)
-
-REPO = Path(__file__).resolve().parents[1]
-K8S = REPO / "k8s"
 SERVING = K8S / "serving"
 GPU = SERVING / "gpu"
 ISVC_SCHEMA = K8S / "schemas" / "inferenceservice-serving-v1beta1.json"
-# Pinned schema versions of kubernetes-validate (1.37.0 installed): a current release and the newest known.
-K8S_VERSIONS = ("1.34.0", "1.37.0")
 PREDICTOR_SECRET = f"{SECRET_PREFIX}predictor"
 STORAGE_URI_ENV = "STORAGE_URI"  # KServe's CustomSpecStorageUriEnvVarKey
 
