@@ -124,15 +124,17 @@ def _free_port() -> int:
 class Predictor:
     """A real ``tocoad serve`` subprocess on a loopback port."""
 
-    def __init__(self, bundle, env: dict[str, str] | None = None):
+    def __init__(self, source, env: dict[str, str] | None = None, log_dir: Path | None = None):
+        """Serve ``source``: a local bundle folder, or an ``s3://`` URI (through the registry)."""
         import subprocess
         import sys
 
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(Path(bundle).parent / f"serve-{self.port}.log", "w")  # noqa: SIM115
+        what = ["--storage-uri", source] if str(source).startswith("s3://") else ["--bundle", str(source)]
+        self.log = open(Path(log_dir or Path(source).parent) / f"serve-{self.port}.log", "w")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tocoad.cli", "serve", "--bundle", str(bundle), "--port", str(self.port)],
+            [sys.executable, "-m", "tocoad.cli", "serve", *what, "--port", str(self.port)],
             stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         )  # fmt: skip
         self.wait_ready()

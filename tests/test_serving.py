@@ -355,3 +355,32 @@ def test_reload_of_a_corrupt_bundle_is_refused_in_process(serve_bundles):
     with pytest.raises(ReloadFailed, match="checksum"):
         p.reload(str(serve_bundles[2]))
     assert p.current is served
+
+
+def test_serves_the_registry_production_alias_and_follows_a_promotion(s3_server, serve_bundles, serve_data,
+                                                                     tmp_path, monkeypatch):  # fmt: skip
+    """The predictor identity pulls `production` through the registry; the flow's local deploy reloads it."""
+    from flows.deploy import deploy_version
+    from storage.registry import ModelRegistry
+    from storage.store import ArtifactStore
+
+    registry = ModelRegistry(ArtifactStore(progress=False))
+    first = registry.register("served", serve_bundles[0], alias="production").version
+    second = registry.register("served", serve_bundles[1]).version
+    server = Predictor("s3://models/served/production", log_dir=tmp_path)
+    try:
+        png = _png_bytes(_images(serve_data / "test", n=1)[0])
+
+        def version() -> str:
+            r = httpx.post(server.url + V1, content=png, headers={"Content-Type": "image/png"}, timeout=60)
+            return r.json()["predictions"][0]["model_version"]
+
+        assert version() == first
+        registry.promote("served", second)
+        monkeypatch.setenv("TOCOAD_PREDICTOR_URL", server.url)
+        message = deploy_version("served", registry.uri("served", second), cluster=False)
+        assert "HTTP 200" in message and version() == second
+        info = _metrics(server.url)
+        assert _sum(info, "tocoad_model_info", version=second) == 1 and _sum(info, "tocoad_model_info") == 1
+    finally:
+        server.stop()
