@@ -31,6 +31,9 @@ class LoadedModel:
     uri: str
     profile: dict[str, Any]
     loaded_at: float = field(default_factory=time.time)
+    timings: dict[str, float] = field(
+        default_factory=dict
+    )  # fetch (download + verify), load, warm-up seconds
     lock: Any = None  # set by the predictor: one batch at a time through one model's faiss index
 
 
@@ -60,12 +63,17 @@ def _fetch(uri: str) -> tuple[Path, str]:
 
 def load_model(uri: str, name: str) -> LoadedModel:
     """Fetch, verify, load and warm up the bundle at ``uri``."""
+    t0 = time.perf_counter()
     folder, version = _fetch(uri)
+    t1 = time.perf_counter()
     art = load_artifacts(folder, torch.device("cpu"))
     if art.calibration is None:
         raise ValueError(f"{uri} has no calibration (train it with the memory-bank stage)")
     model = art.model(torch.device("cpu"))
+    t2 = time.perf_counter()
     model.predict(prepare([np.zeros((model.image_size, model.image_size, 3), np.uint8)], model.image_size))
+    t3 = time.perf_counter()
     profile_path = folder / "profile.json"
     profile = json.loads(profile_path.read_text()) if profile_path.is_file() else {}
-    return LoadedModel(model, name, version, uri, profile)
+    timings = {"fetch_s": t1 - t0, "load_s": t2 - t1, "warmup_s": t3 - t2}
+    return LoadedModel(model, name, version, uri, profile, timings=timings)

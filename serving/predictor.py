@@ -102,7 +102,8 @@ class TocoadPredictor(Model):
             self.metrics.info.labels(self.name, new.version, new.uri).set(1)
             self.metrics.loaded_at.labels(self.name).set(new.loaded_at)
             self.metrics.reloads.labels(self.name, "success").inc()
-            log.info("serving %s version %s from %s", self.name, new.version, uri)
+            log.info("serving %s version %s from %s (%s)", self.name, new.version, uri,
+                     ", ".join(f"{k} {v:.2f}" for k, v in new.timings.items()))  # fmt: skip
             return new
 
     def _forget(self, old: LoadedModel) -> None:

@@ -47,8 +47,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="tocoad-train-") as scratch:
         source = input_bundle(args.source, Path(scratch) / "from") if args.source else None
         cfg = _config(args)
-        if args.stage and args.stage != "d" and source and not args.config and not args.set:
-            cfg = bundle_config(source)  # continue with the config the earlier stages used
+        if args.stage and args.stage != "d" and source and not args.config:
+            # continue with the config the earlier stages used; --set changes it from there
+            cfg = bundle_config(source).with_overrides(args.set or [])
         if os.environ.get("TOCOAD_PROGRESS") == "0":  # a job whose output goes to a log: no progress bars
             cfg = cfg.with_overrides(["runtime.progress=false"])
         remote = bool(args.out) and str(args.out).startswith("s3://")
