@@ -97,6 +97,12 @@ def serve(storage_uri: str, name: str = "tocoad", host: str = "127.0.0.1", port:
     from serving.predictor import TocoadPredictor
     from serving.settings import ServingSettings
 
+    tocoad_log = logging.getLogger("tocoad")
+    if not tocoad_log.handlers:  # KServe configures its own loggers only; ours go to stderr beside them
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+        tocoad_log.addHandler(handler)
+        tocoad_log.setLevel(logging.INFO)
     settings = settings or ServingSettings.from_env()
     predictor = TocoadPredictor(name, storage_uri, settings)
     started = time.perf_counter()
