@@ -34,7 +34,20 @@ def _call(url: str, body: dict | None = None, timeout: float = 60) -> str:
 
 
 def serve_and_probe(model: str, data: Path, out: Path) -> str:
-    """Start ``tocoad serve --model`` in the background (it keeps serving), score demo test images, print metrics."""
+    """Start ``tocoad serve --model`` in the background (it keeps serving), score demo test images, print metrics.
+
+    A predictor left on port 8080 by an earlier demo is reused: it is told to reload the production version.
+    """
+    try:
+        _call("http://127.0.0.1:8080/v2/models/tocoad/ready", timeout=2)
+        url = "http://127.0.0.1:8080"
+        reloaded = json.loads(
+            _call(f"{url}/v2/models/tocoad/reload", {"storage_uri": f"s3://models/{model}/production"})
+        )
+        print(f"\npredictor already running at {url}: reloaded {reloaded['version']}")
+        return _probe(url, data, "already running")
+    except (OSError, ValueError, KeyError):
+        pass
     port = _port()
     url = f"http://127.0.0.1:{port}"
     log = open(out / "predictor.log", "w")  # noqa: SIM115 - handed to the server process
@@ -52,13 +65,18 @@ def serve_and_probe(model: str, data: Path, out: Path) -> str:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the predictor did not get ready; see {out / 'predictor.log'}") from None
             time.sleep(0.5)
+    print(f"\npredictor: {url} (pid {proc.pid}, serving {model} production; log {out / 'predictor.log'})")
+    return _probe(url, data, f"kill {proc.pid}")
+
+
+def _probe(url: str, data: Path, stop_hint: str) -> str:
+    """Two good and two defective demo test images through V1; print the answers and the metrics."""
     paths = (
         sorted((data / "test" / "good").glob("*.png"))[:2]
         + sorted(p for p in (data / "test").rglob("*.png") if p.parent.name != "good")[:2]
     )
     body = {"instances": [{"image": {"b64": base64.b64encode(p.read_bytes()).decode()}} for p in paths]}
     predictions = json.loads(_call(f"{url}/v1/models/tocoad:predict", body))["predictions"]
-    print(f"\npredictor: {url} (pid {proc.pid}, serving {model} production; log {out / 'predictor.log'})")
     for path, pred in zip(paths, predictions, strict=True):
         print(f"  {path.parent.name}/{path.name}: {pred['label']:<9} score={pred['score']:.3f} "
               f"normalized={pred['normalized']:.3f} version={pred['model_version']}")  # fmt: skip
@@ -67,5 +85,6 @@ def serve_and_probe(model: str, data: Path, out: Path) -> str:
     for line in metrics.splitlines():
         if line.startswith(SHOWN):
             print(f"  {line}")
-    print(f"stop the predictor with: kill {proc.pid}   (and the S3 server with: tocoad storage down)")
+    if stop_hint.startswith("kill"):
+        print(f"stop the predictor with: {stop_hint}   (and the S3 server with: tocoad storage down)")
     return url
