@@ -51,6 +51,15 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def file_index(folder: Path, exclude: str | None = None) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"sha256", "bytes"}}`` of every file below ``folder`` (but one named ``exclude``)."""
+    return {
+        p.relative_to(folder).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(Path(folder).rglob("*"))
+        if p.is_file() and p.name != exclude
+    }
+
+
 def package_versions() -> dict[str, str]:
     """Versions of the packages that shape a model, plus Python's."""
     out = {"python": platform.python_version()}
@@ -77,11 +86,7 @@ def write_bundle(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         populate(tmp)
-        files = {
-            p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-            for p in sorted(tmp.rglob("*"))
-            if p.is_file() and p.name != MANIFEST
-        }
+        files = file_index(tmp, exclude=MANIFEST)
         full = {
             "format_version": FORMAT_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

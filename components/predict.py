@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from components.calibration import Calibration
 from components.images import load_image, resize_rgb, to_tensor
 from components.model import AnomalyModel
 from components.pipeline import load_artifacts
@@ -19,22 +20,28 @@ def prepare(images: list[np.ndarray], size: int) -> torch.Tensor:
     return torch.stack([to_tensor(resize_rgb(img, (size, size))) for img in images])
 
 
-def score_images(
-    model: AnomalyModel, images: list[np.ndarray], with_maps: bool = False
-) -> list[dict[str, Any]]:
-    """Raw and normalised score, label and threshold for each uint8 RGB image (maps too if asked)."""
-    pred = model.predict(prepare(images, model.image_size), with_maps=with_maps)
-    cal = model.calibration
+def describe_scores(scores: np.ndarray, cal: Calibration | None) -> list[dict[str, Any]]:
+    """Per raw image score: the score, and with a calibration its normalised value, threshold and label."""
     out = []
-    for i, raw in enumerate(pred.scores):
+    for raw in scores:
         item: dict[str, Any] = {"score": float(raw)}
         if cal is not None:
             item["normalized"] = float(cal.normalize(float(raw)))
             item["threshold"] = float(cal.threshold)
             item["label"] = "defective" if raw >= cal.threshold else "normal"
-        if with_maps and pred.maps is not None:
-            item["map"] = pred.maps[i]
         out.append(item)
+    return out
+
+
+def score_images(
+    model: AnomalyModel, images: list[np.ndarray], with_maps: bool = False
+) -> list[dict[str, Any]]:
+    """Raw and normalised score, label and threshold for each uint8 RGB image (maps too if asked)."""
+    pred = model.predict(prepare(images, model.image_size), with_maps=with_maps)
+    out = describe_scores(pred.scores, model.calibration)
+    if with_maps and pred.maps is not None:
+        for item, amap in zip(out, pred.maps, strict=True):
+            item["map"] = amap
     return out
 
 

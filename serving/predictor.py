@@ -29,7 +29,7 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from PIL import Image
 from scipy import ndimage
 
-from components.predict import prepare
+from components.predict import describe_scores, prepare
 from components.profile import image_statistics
 from serving.drift import STATS, DriftMonitor
 from serving.inputs import BadRequest, Batch, parse_raw, parse_v1, parse_v2
@@ -177,21 +177,14 @@ class TocoadPredictor(Model):
             pred = model.predict(x, with_maps=batch.return_map)
         cal = model.calibration
         stats = image_statistics(x)
-        defective = pred.scores >= cal.threshold
-        results = []
-        for i, raw in enumerate(pred.scores):
-            item = {
-                "id": batch.ids[i] if i < len(batch.ids) else str(i),
-                "score": float(raw),
-                "normalized": float(cal.normalize(float(raw))),
-                "label": "defective" if defective[i] else "normal",
-                "threshold": float(cal.threshold),
-                "model_version": loaded.version,
-            }
+        results = describe_scores(pred.scores, cal)
+        for i, item in enumerate(results):
+            item["id"] = batch.ids[i] if i < len(batch.ids) else str(i)
+            item["model_version"] = loaded.version
             if batch.return_map and pred.maps is not None:
                 item["anomaly_map"] = self._map_png(pred.maps[i], cal)
                 item["boxes"] = self._boxes(pred.maps[i], cal, batch.images[i].shape[:2])
-            results.append(item)
+        defective = np.array([item["label"] == "defective" for item in results])
         self._observe(loaded, results, pred.scores, defective, stats, pred.patch_scores)
         return results
 

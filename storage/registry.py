@@ -280,14 +280,6 @@ def push_bundle(
     return manifest
 
 
-def read_remote_manifest(store: ArtifactStore, bucket: str, prefix: str) -> dict | None:
-    """The committed bundle manifest under ``bucket/prefix``, or None when there is none (yet)."""
-    try:
-        return json.loads(store.get_bytes(bucket, f"{prefix}/{MANIFEST}"))
-    except NotFound:
-        return None
-
-
 def pull_bundle(
     store: ArtifactStore, bucket: str, prefix: str, dest: Path, manifest: dict | None = None
 ) -> Path:

@@ -54,7 +54,7 @@ def published(uri: str | Path, marker: str = "manifest.json") -> bool:
 
 def publish(folder: Path, uri: str, marker: str = "manifest.json") -> None:
     """Upload a stage's output folder to an S3 prefix, the ``marker`` file last (it commits the output)."""
-    from components.bundle import sha256_file
+    from components.bundle import file_index
     from storage.registry import parse_s3_uri, push_bundle
     from storage.trees import push_tree
 
@@ -63,12 +63,7 @@ def publish(folder: Path, uri: str, marker: str = "manifest.json") -> None:
     if marker == "manifest.json":
         push_bundle(store, bucket, prefix, folder)
         return
-    files = {
-        p.relative_to(folder).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        for p in sorted(Path(folder).rglob("*"))
-        if p.is_file() and p.name != marker
-    }
-    push_tree(store, bucket, prefix, folder, files, resume=True)
+    push_tree(store, bucket, prefix, folder, file_index(folder, exclude=marker), resume=True)
     store.put_file(bucket, f"{prefix}/{marker}", Path(folder) / marker)
 
 
