@@ -145,7 +145,10 @@ class BankConfig(_Section):
         0.01, gt=0, le=1, description="Share of patch features kept by greedy coreset."
     )
     projection_dim: int = Field(
-        128, ge=0, description="Random projection used only to pick the coreset (0 = none)."
+        0,
+        ge=0,
+        description="Random projection used only to pick the coreset (0 = none: exact greedy, the best "
+        "covering radius; a projection saves little time since the greedy is memory-bound).",
     )
     aggregation: int = Field(
         3, ge=1, description="Neighbourhood size of local patch aggregation (average pool)."
@@ -175,6 +178,11 @@ class CalibrationConfig(_Section):
 class RuntimeConfig(_Section):
     seed: int = Field(0, description="Seed of every random draw; the same seed gives the same model.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto uses CUDA when present.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="Training precision of stages D and C: auto = bf16 autocast on CUDA GPUs with bf16, fp16 "
+        "with loss scaling on older ones, fp32 on CPU; bf16 also runs on CPU, fp16 needs CUDA.",
+    )
     num_workers: int = Field(1, ge=0, description="Data-loader worker processes.")
     batch_size: int = Field(
         16, ge=1, description="Images per forward pass when extracting features and scoring."

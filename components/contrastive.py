@@ -32,10 +32,10 @@ from torch import nn
 
 from components.backbone import FeatureExtractor
 from components.config import TocoadConfig
-from components.device import autocast
+from components.device import autocast, autocast_dtype, grad_scaler
 from components.discriminator import Discriminator
 from components.generator import AnomalyGenerator
-from components.losses import feature_std, guide_loss, simsiam_loss
+from components.losses import distill_loss, feature_std, guide_loss, simsiam_loss
 from components.patch_features import patch_embedding
 from components.training import run_epochs
 
@@ -132,7 +132,7 @@ class ContrastiveTrainer:
         z1, p1 = self.heads(e1)
         z2, p2 = self.heads(e2)
         out["simsiam"] = simsiam_loss(p1, p2, z1, z2)
-        out["distill"] = (1 - F.cosine_similarity(e1, ref, dim=1)).mean()
+        out["distill"] = distill_loss(e1, ref)
         if c.guide and self.disc is not None:
             with torch.no_grad():
                 prob = torch.sigmoid(self.disc(synth).float())
@@ -156,7 +156,7 @@ def train_contrastive(
     generator: AnomalyGenerator,
     device: torch.device,
 ) -> tuple[FeatureExtractor, ProjectionHeads, list[dict[str, float]]]:
-    """Stage 2: fine-tune F in place; returns F (eval mode), the heads and the per-epoch history."""
+    """Stage 2: fine-tune F in place in ``runtime.precision``; returns F (eval mode), the heads and the history."""
     c = cfg.contrastive
     trainer = ContrastiveTrainer(cfg, extractor.to(device), disc.to(device) if disc is not None else None)
     trainer.heads.to(device)
@@ -168,17 +168,20 @@ def train_contrastive(
     total = max(1, c.epochs * len(loader))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     rng = torch.Generator(device=device).manual_seed(cfg.runtime.seed + 1)
+    dtype = autocast_dtype(device, cfg.runtime.precision)
+    scaler = grad_scaler(device, dtype)
 
     def step(batch: dict) -> dict[str, float]:
         extractor.train()
         freeze_batchnorm(extractor)
         trainer.heads.train()
         synth = generator(batch["image"].to(device, non_blocking=True), rng)
-        with autocast(device):
+        with autocast(device, dtype):  # F, F0, the heads and the frozen D; the losses run in fp32
             terms = trainer.losses(synth.clean, synth.image, rng)
         opt.zero_grad(set_to_none=True)
-        terms["total"].float().backward()
-        opt.step()
+        scaler.scale(terms["total"]).backward()
+        scaler.step(opt)
+        scaler.update()
         sched.step()
         return {k: float(torch.as_tensor(v).detach()) for k, v in terms.items()}
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from components.backbone import FeatureExtractor, create_feature_extractor
 from components.config import TocoadConfig
-from components.device import autocast
+from components.device import autocast, autocast_dtype, grad_scaler
 from components.generator import AnomalyGenerator
 from components.losses import focal_loss, soft_dice_loss
 from components.training import run_epochs
@@ -77,7 +77,7 @@ def create_discriminator(cfg: TocoadConfig, pretrained: bool = True) -> Discrimi
 def train_discriminator(
     cfg: TocoadConfig, loader, generator: AnomalyGenerator, device: torch.device
 ) -> tuple[Discriminator, list[dict[str, float]]]:
-    """Stage 1: fit D to segment G's synthetic anomalies in the training images."""
+    """Stage 1: fit D to segment G's synthetic anomalies in the training images, in ``runtime.precision``."""
     sd = cfg.stage_d
     model = create_discriminator(cfg).to(device).train()
     params = [
@@ -93,17 +93,20 @@ def train_discriminator(
         opt, max_lr=[g["lr"] for g in params], total_steps=total, pct_start=0.1
     )
     rng = torch.Generator(device=device).manual_seed(cfg.runtime.seed)
+    dtype = autocast_dtype(device, cfg.runtime.precision)
+    scaler = grad_scaler(device, dtype)
 
     def step(batch: dict) -> dict[str, float]:
         synth = generator(batch["image"].to(device, non_blocking=True), rng)
-        with autocast(device):
-            logits = model(synth.image).float()
-        focal = focal_loss(logits, synth.mask, sd.focal_gamma)
-        dice = soft_dice_loss(logits, synth.mask)
-        loss = focal + sd.dice_weight * dice
+        with autocast(device, dtype):
+            logits = model(synth.image)
+            focal = focal_loss(logits, synth.mask, sd.focal_gamma)  # losses run in fp32
+            dice = soft_dice_loss(logits, synth.mask)
+            loss = focal + sd.dice_weight * dice
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         sched.step()
         return {"loss": loss.item(), "focal": focal.item(), "dice": dice.item()}
 

@@ -1,11 +1,37 @@
-"""Loss functions of both training stages. Each is a plain function of tensors."""
+"""Loss functions of both training stages. Each is a plain function of tensors.
+
+Each loss runs in float32, also when called inside an autocast region: its floating-point inputs are cast up and
+autocast is off inside, so exponentials, sigmoids, sums over a whole batch and cosines never run in bf16/fp16.
+"""
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 
+_Fn = TypeVar("_Fn", bound=Callable)
 
+
+def _fp32(fn: _Fn) -> _Fn:
+    """Run ``fn`` with autocast off and its floating-point tensor arguments cast to float32."""
+
+    def up(x):
+        return x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device = next(a.device.type for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        with torch.autocast(device_type=device, enabled=False):
+            return fn(*map(up, args), **{k: up(v) for k, v in kwargs.items()})
+
+    return wrapper  # type: ignore[return-value]
+
+
+@_fp32
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
     """Binary focal loss (Lin et al.) on per-pixel logits; ``target`` holds 0/1 of the same shape."""
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
@@ -13,6 +39,7 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -
     return ((1 - p_t) ** gamma * bce).mean()
 
 
+@_fp32
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
     """1 - soft Dice over the whole batch; rewards getting the regions' extent right.
 
@@ -24,6 +51,7 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0)
     return 1 - (2 * inter + eps) / (prob.sum() + target.sum() + eps)
 
 
+@_fp32
 def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """SimSiam's D(p, z) on dense maps ``[B, C, h, w]``: minus the mean cosine, with stop-gradient on ``z``."""
     return -F.cosine_similarity(p, z.detach(), dim=1).mean()
@@ -34,6 +62,13 @@ def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch
     return 0.5 * (negative_cosine(p1, z2) + negative_cosine(p2, z1))
 
 
+@_fp32
+def distill_loss(feat: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The forgetting guard: mean ``1 - cos`` between dense maps ``[B, C, h, w]`` (no gradient to ``target``)."""
+    return (1 - F.cosine_similarity(feat, target.detach(), dim=1)).mean()
+
+
+@_fp32
 def guide_loss(
     feat: torch.Tensor, anchor: torch.Tensor, anomalous: torch.Tensor, margin: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,6 +86,7 @@ def guide_loss(
     return push, pull
 
 
+@_fp32
 def feature_std(z: torch.Tensor) -> torch.Tensor:
     """Mean per-dimension std of L2-normalised dense features; ~1/sqrt(C) when healthy, 0 when collapsed."""
     flat = F.normalize(z, dim=1).permute(0, 2, 3, 1).reshape(-1, z.shape[1])

@@ -36,7 +36,7 @@ from components.calibration import Calibration, fit_calibration
 from components.config import TocoadConfig
 from components.contrastive import ProjectionHeads, train_contrastive
 from components.datasets import DatasetSplits, Sample, discover, fingerprint, split_holdout
-from components.device import resolve_device
+from components.device import autocast_dtype, precision_name, resolve_device
 from components.discriminator import Discriminator, create_discriminator, train_discriminator
 from components.generator import AnomalyGenerator, GeneratorSettings, make_generator
 from components.memory_bank import extract_embeddings, subsample
@@ -121,14 +121,17 @@ def run_stage(name: str, art: Artifacts, data: DatasetSplits, device: torch.devi
     cfg = art.cfg
     train, holdout = training_split(cfg, data)
     torch.manual_seed(cfg.runtime.seed)
+    precision = precision_name(autocast_dtype(device, cfg.runtime.precision))
     if name == "d":
         if cfg.stage_d.enabled and cfg.stage_d.epochs > 0:
             loader = data_loader(cfg, train, cfg.stage_d.batch_size, shuffle=True)
             art.disc, art.history["d"] = train_discriminator(cfg, loader, generator_from_config(cfg), device)
+            art.metrics.setdefault("precision", {})["d"] = precision
     elif name == "c":
         extractor = create_feature_extractor(**_backbone_args(cfg)).to(device)
         if cfg.contrastive.enabled and cfg.contrastive.epochs > 0:
             loader = data_loader(cfg, train, cfg.contrastive.batch_size, shuffle=True)
+            art.metrics.setdefault("precision", {})["c"] = precision
             disc = art.disc if cfg.contrastive.guide else None
             extractor, art.heads, art.history["c"] = train_contrastive(
                 cfg, extractor, disc, loader, generator_from_config(cfg), device
@@ -304,6 +307,7 @@ def train(
 ) -> Artifacts:
     """Run all stages (``stage=None``) or one stage from ``previous``'s output, and save the bundle."""
     device = resolve_device(cfg.runtime.device)
+    autocast_dtype(device, cfg.runtime.precision)  # fp16 on a CPU fails here, before any work
     data = discover(Path(data_root), cfg.data.layout)
     data_fp = fingerprint(data.train)
     if stage in (None, "d"):

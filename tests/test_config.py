@@ -41,3 +41,11 @@ def test_overrides():
     with pytest.raises(ConfigError, match="no setting"):
         TocoadConfig().with_overrides(["bank.nope=1"])
     assert yaml.safe_load(cfg.to_yaml())["bank"]["coreset_ratio"] == 0.1
+
+
+def test_runtime_precision_default_and_choices():
+    assert TocoadConfig().runtime.precision == "auto"
+    for value in ("fp32", "bf16", "fp16"):
+        assert TocoadConfig().with_overrides([f"runtime.precision={value}"]).runtime.precision == value
+    with pytest.raises(ConfigError, match=r"runtime\.precision"):
+        TocoadConfig.from_dict({"runtime": {"precision": "fp64"}})

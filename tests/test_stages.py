@@ -1,17 +1,22 @@
 """The two training stages on a tiny set: D learns to segment G's anomalies; SimSiam falls without collapse."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 from skimage import data
 from sklearn.metrics import roc_auc_score
 
+import components.discriminator as discriminator_module
 from components.backbone import create_feature_extractor
 from components.config import TocoadConfig
 from components.contrastive import train_contrastive
-from components.discriminator import train_discriminator
-from components.losses import guide_loss, simsiam_loss
-from components.pipeline import generator_from_config
+from components.demo_data import make_demo_dataset
+from components.device import autocast
+from components.discriminator import create_discriminator, train_discriminator
+from components.losses import distill_loss, feature_std, focal_loss, guide_loss, simsiam_loss, soft_dice_loss
+from components.pipeline import generator_from_config, train
 
 SIZE = 64
 
@@ -96,3 +101,99 @@ def test_simsiam_loss_bounds():
     z = torch.randn(2, 8, 3, 3)
     assert simsiam_loss(z, z, z, z).item() == pytest.approx(-1.0, abs=1e-5)
     assert simsiam_loss(z, z, -z, -z).item() == pytest.approx(1.0, abs=1e-5)
+
+
+# ---------------------------------------------------------------- mixed precision (bf16 autocast runs on the CPU too)
+CPU = torch.device("cpu")
+
+
+def _record_dtypes(module: torch.nn.Module, seen: set) -> None:
+    module.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
+
+
+def _last_conv(module: torch.nn.Module) -> torch.nn.Module:
+    return [m for m in module.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+
+
+def test_losses_run_in_fp32_inside_autocast():
+    logits, mask = torch.randn(2, 1, 8, 8), (torch.rand(2, 1, 8, 8) > 0.5).float()
+    z, p = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4)
+    anomalous = torch.rand(2, 1, 4, 4) > 0.5
+    with autocast(CPU, torch.bfloat16):
+        terms = [
+            focal_loss(logits.bfloat16(), mask),
+            soft_dice_loss(logits.bfloat16(), mask),
+            simsiam_loss(p.bfloat16(), p.bfloat16(), z.bfloat16(), z.bfloat16()),
+            distill_loss(z.bfloat16(), p),
+            *guide_loss(z.bfloat16(), p.bfloat16(), anomalous, margin=0.5),
+            feature_std(z.bfloat16()),
+        ]
+    assert all(t.dtype == torch.float32 for t in terms)
+    assert focal_loss(logits, mask) == pytest.approx(terms[0].item(), rel=2e-2)
+
+
+def test_discriminator_trains_in_bf16_on_cpu(monkeypatch):
+    torch.manual_seed(0)
+    cfg = _cfg(stage_d={"epochs": 1}, runtime={"precision": "bf16"})
+    seen: set = set()
+    before: dict[str, torch.Tensor] = {}
+
+    def create(*args, **kwargs):
+        model = create_discriminator(*args, **kwargs)
+        before.update({n: p.detach().clone() for n, p in model.named_parameters()})
+        _record_dtypes(model.head, seen)
+        return model
+
+    monkeypatch.setattr(discriminator_module, "create_discriminator", create)
+    gen = generator_from_config(cfg)
+    model, history = train_discriminator(cfg, _loader(_tiny_images(8), batch=4), gen, CPU)
+    assert seen == {torch.bfloat16}, "D's forward did not run under bf16 autocast"
+    assert all(math.isfinite(history[0][k]) for k in ("loss", "focal", "dice"))
+    after = dict(model.named_parameters())
+    assert all(p.dtype == torch.float32 for p in after.values()), "weights must stay fp32"
+    assert not torch.equal(before["head.weight"], after["head.weight"]), "D's decoder did not train"
+
+
+def test_contrastive_trains_in_bf16_on_cpu():
+    torch.manual_seed(0)
+    cfg = _cfg(contrastive={"epochs": 1, "proj_dim": 32, "pred_dim": 8}, runtime={"precision": "bf16"})
+    disc = create_discriminator(cfg)  # an untrained frozen guide: only the precision it runs in matters here
+    f = create_feature_extractor("tf_efficientnet_lite0", "builtin", (2, 3))
+    seen_f: set = set()
+    seen_d: set = set()
+    _record_dtypes(_last_conv(f), seen_f)  # F0, a copy of F, carries the hook too
+    _record_dtypes(disc.head, seen_d)
+    before = [p.detach().clone() for p in f.parameters()]
+    gen = generator_from_config(cfg)
+    _, heads, history = train_contrastive(cfg, f, disc, _loader(_tiny_images(8), batch=4), gen, CPU)
+    assert seen_f == {torch.bfloat16} and seen_d == {torch.bfloat16}
+    assert {"simsiam", "distill", "push", "pull", "total"} <= set(history[0])
+    assert all(math.isfinite(v) for v in history[0].values())
+    assert any(not torch.equal(a, b) for a, b in zip(before, f.parameters(), strict=True)), "F did not train"
+    assert all(p.dtype == torch.float32 for p in [*f.parameters(), *heads.parameters()])
+
+
+def test_pipeline_records_precision_and_refuses_fp16_on_cpu(tmp_path):
+    data = make_demo_dataset(tmp_path / "data", n_train=8, n_test_good=2, n_test_defect=2, image_size=SIZE)
+    tiny = ["data.image_size=64", "generator.max_scale=3", "stage_d.epochs=1", "stage_d.width=16",
+            "runtime.num_workers=0", "runtime.progress=false"]  # fmt: skip
+    cfg = TocoadConfig().with_overrides([*tiny, "runtime.precision=bf16"])
+    art = train(cfg, data, tmp_path / "d", stage="d")
+    assert art.metrics["precision"] == {"d": "bf16"}
+    fp16 = cfg.with_overrides(["runtime.precision=fp16"])
+    with pytest.raises(ValueError, match="fp16 autocast needs CUDA"):
+        train(fp16, tmp_path / "no-such-data", tmp_path / "d16", stage="d")  # fails before reading any data
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["auto", "fp16"])
+def test_both_stages_train_in_mixed_precision_on_cuda(precision):
+    torch.manual_seed(0)
+    gpu = torch.device("cuda")
+    cfg = _cfg(stage_d={"epochs": 1}, contrastive={"epochs": 1, "proj_dim": 32, "pred_dim": 8},
+               runtime={"precision": precision})  # fmt: skip
+    gen = generator_from_config(cfg)
+    disc, d_hist = train_discriminator(cfg, _loader(_tiny_images(8).to(gpu), batch=4), gen, gpu)
+    f = create_feature_extractor("tf_efficientnet_lite0", "builtin", (2, 3))
+    _, _, c_hist = train_contrastive(cfg, f, disc, _loader(_tiny_images(8).to(gpu), batch=4), gen, gpu)
+    assert all(math.isfinite(v) for v in [*d_hist[0].values(), *c_hist[0].values()])
