@@ -141,7 +141,7 @@ def greedy_coreset(
     features: Features,
     n: int | None = None,
     ratio: float | None = None,
-    projection_dim: int | None = 128,
+    projection_dim: int | None = None,
     seed: int = 0,
     start: int | None = None,
     progress: bool = False,

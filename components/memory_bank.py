@@ -16,16 +16,33 @@ from components.patch_features import flatten_patches, patch_embedding
 def extract_embeddings(
     extractor: FeatureExtractor, loader, bank: BankConfig, device: torch.device, progress: bool = True
 ) -> tuple[np.ndarray, tuple[int, int]]:
-    """Patch embeddings ``[N_images * h * w, C]`` (float32) of every image the loader yields, streamed batch-wise."""
+    """Patch embeddings ``[N_images * h * w, C]`` (float32) of every image the loader yields, streamed batch-wise.
+
+    When the loader knows its number of images (a DataLoader over a sized dataset), the batches are written
+    straight into one array allocated after the first batch, so peak memory is the bank plus one batch.
+    """
+    total = len(loader.dataset) if hasattr(loader, "dataset") and hasattr(loader.dataset, "__len__") else None
     chunks: list[np.ndarray] = []
-    grid = (0, 0)
+    out: np.ndarray | None = None
+    grid, filled = (0, 0), 0
     for batch in tqdm(loader, desc="features", unit="batch", disable=not progress, dynamic_ncols=True):
         emb = patch_embedding(extractor(batch["image"].to(device)), bank.aggregation, bank.feature_dim)
         grid = tuple(emb.shape[-2:])
-        chunks.append(flatten_patches(emb).float().cpu().numpy())
-    if not chunks:
+        flat = flatten_patches(emb).float().cpu().numpy()
+        if total is not None and out is None:
+            out = np.empty((total * grid[0] * grid[1], flat.shape[1]), dtype=np.float32)
+        if out is None or filled + len(flat) > len(out):
+            chunks.append(flat)  # unsized loader (or one that yields more than it said): collect
+        else:
+            out[filled : filled + len(flat)] = flat
+        filled += len(flat)
+    if filled == 0:
         raise ValueError("no training images to build the memory bank from")
-    return np.concatenate(chunks), grid
+    if out is None:
+        return np.concatenate(chunks), grid
+    if chunks or filled != len(out):
+        return np.concatenate([out[: min(filled, len(out))], *chunks]), grid
+    return out, grid
 
 
 def subsample(embeddings: np.ndarray, bank: BankConfig, seed: int, progress: bool = True) -> np.ndarray:

@@ -28,3 +28,27 @@ def test_float16_bank_scores_within_tolerance_of_float32():
     half = AnomalyModel(cfg, extractor, bank16).predict(images)
     np.testing.assert_allclose(half.scores, full.scores, rtol=1e-4)  # fp16: ~4e-5; bf16 would fail (~2e-4)
     np.testing.assert_allclose(half.maps, full.maps, rtol=1e-4, atol=1e-4 * float(full.maps.max()))
+
+
+def test_streamed_extraction_fills_one_array_like_concatenation():
+    """A sized loader is written into one preallocated array; an unsized one is collected; both agree."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from components.memory_bank import extract_embeddings
+
+    cfg = TocoadConfig().with_overrides(["data.image_size=64"])
+    b = cfg.backbone
+    extractor = create_feature_extractor(b.name, b.weights, b.layers, b.mean, b.std)
+    images = torch.rand(5, 3, 64, 64)
+
+    class Dicts(TensorDataset):
+        def __getitem__(self, i):
+            return {"image": super().__getitem__(i)[0]}
+
+    sized = DataLoader(Dicts(images), batch_size=2)  # 2 + 2 + 1 images: a short last batch
+    unsized = ({"image": images[i : i + 2]} for i in range(0, 5, 2))
+    a, grid = extract_embeddings(extractor, sized, cfg.bank, torch.device("cpu"), progress=False)
+    b_, grid_b = extract_embeddings(extractor, unsized, cfg.bank, torch.device("cpu"), progress=False)
+    assert grid == grid_b == (8, 8)
+    assert a.shape == (5 * 64, 152) and a.dtype == np.float32 and a.flags.c_contiguous
+    np.testing.assert_array_equal(a, b_)
