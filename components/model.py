@@ -10,7 +10,7 @@ import torch
 from components.backbone import FeatureExtractor
 from components.calibration import Calibration
 from components.config import TocoadConfig
-from components.nn_index import build_index, search
+from components.nn_index import build_index, refine_farthest, search
 from components.patch_features import flatten_patches, patch_embedding
 from components.scoring import anomaly_map, reweighted_image_score
 
@@ -61,7 +61,8 @@ class AnomalyModel:
         b, _, h, w = emb.shape
         queries = flatten_patches(emb).float().cpu().numpy()
         dist, _ = search(self.index, queries, k=1)
-        patch = torch.from_numpy(dist[:, 0].reshape(b, h, w).astype(np.float32))
+        nearest = refine_farthest(self.index, queries, dist[:, 0], h * w)  # no-op for exact indexes
+        patch = torch.from_numpy(nearest.reshape(b, h, w).astype(np.float32))
         if self.cfg.bank.reweight:
             top = patch.view(b, -1).argmax(dim=1).numpy()
             worst = queries.reshape(b, h * w, -1)[np.arange(b), top]

@@ -2,9 +2,23 @@
 
 Kinds: ``flat`` (exact, IndexFlatL2), ``ivf_flat`` (inverted lists, exact distances within probed lists),
 ``ivf_pq`` (inverted lists + product quantisation: compressed, approximate distances) and ``hnsw``
-(IndexHNSWFlat graph, CPU only). ``auto`` picks ``flat`` below ``AUTO_FLAT_MAX`` (1M) vectors, where exact
-search is affordable and PatchCore's coreset banks almost always fall; above it ``ivf_flat`` when the index
-goes to a GPU and ``hnsw`` on CPU (no training, high recall).
+(IndexHNSWFlat graph, CPU only).
+
+``auto`` picks by bank size, from the scale curve in ``bench/RESULTS.md`` (``bench/scale.py``: real patch
+features, 10k to 4M patches, 1,024 queries per image, 2 CPU cores):
+
+* CPU: ``flat`` below ``AUTO_FLAT_MAX`` (20k) patches, where exact search costs at most a few tens of ms per
+  image and needs no build (PatchCore's coreset banks almost always fall here); ``hnsw`` from there on. HNSW
+  (efSearch 64) answered a 40k bank 3.6-4.4x faster than flat and a 4M bank in 1.2x flat-40k's time; IVF's
+  per-list scans were slower than HNSW at every size, and IVF-PQ's approximate distances cost recall (it
+  stays available by name when memory is the limit: ~12x smaller).
+* GPU: ``flat`` up to ``AUTO_GPU_FLAT_MAX`` (4M) patches, where brute force on the device is cheap, then
+  ``ivf_flat`` (faiss has no GPU HNSW). Not measured here (no GPU on this machine).
+
+Approximate search misses most often for the queries farthest from the bank, which are exactly the patches
+that set an image's score: on tire, plain HNSW at 1M patches lost 23 points of image AUROC at recall@1 0.996.
+:func:`refine_farthest` (used by ``AnomalyModel.predict``) searches each image's farthest patches again with
+8x the effort; with it the loss was 0.00 image / 0.01 pixel points, for 14 % more query time.
 
 Threads: faiss uses OpenMP. When torch is imported before faiss (as in this project) both share one OpenMP
 runtime, so ``faiss.omp_set_num_threads`` also changes torch's thread count; use :func:`faiss_threads`
@@ -22,10 +36,13 @@ import numpy as np
 import torch
 
 KINDS = ("auto", "flat", "ivf_flat", "ivf_pq", "hnsw")
-AUTO_FLAT_MAX = 1_000_000
+AUTO_FLAT_MAX = 20_000
+AUTO_GPU_FLAT_MAX = 4_000_000
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 64
+IVF_NPROBE = 16
+IVF_TRAIN_PER_LIST = 64  # k-means of the coarse quantiser sees at most this many points per list
 _MIN_POINTS_PER_CENTROID = 39  # faiss warns when k-means gets fewer training points than this per centroid
 _PQ_POINTS_PER_CENTROID = 8  # enough for PQ's low-dimensional sub-spaces; 8 bits from 2048 vectors
 
@@ -59,16 +76,17 @@ def _as_matrix(x: np.ndarray, name: str, dim: int | None = None) -> np.ndarray:
 
 
 def auto_kind(num: int, use_gpu: bool = False) -> str:
-    """The kind ``auto`` picks for ``num`` vectors: flat below AUTO_FLAT_MAX, else ivf_flat (GPU) / hnsw."""
-    if num < AUTO_FLAT_MAX:
-        return "flat"
-    return "ivf_flat" if use_gpu else "hnsw"
+    """The kind ``auto`` picks for ``num`` vectors (see the module doc): CPU flat below AUTO_FLAT_MAX, else
+    hnsw; GPU flat below AUTO_GPU_FLAT_MAX, else ivf_flat."""
+    if use_gpu:
+        return "flat" if num < AUTO_GPU_FLAT_MAX else "ivf_flat"
+    return "flat" if num < AUTO_FLAT_MAX else "hnsw"
 
 
 def ivf_params(num: int) -> tuple[int, int]:
-    """(nlist, nprobe): about 4 sqrt(M) lists, each trained on >= 39 points; probe 1/8 of them (>= 8)."""
-    nlist = max(1, min(round(4 * math.sqrt(num)), num // _MIN_POINTS_PER_CENTROID))
-    return nlist, min(nlist, max(8, nlist // 8))
+    """(nlist, nprobe): about sqrt(M) lists (each trained on >= 39 points), of which IVF_NPROBE are probed."""
+    nlist = max(1, min(round(math.sqrt(num)), num // _MIN_POINTS_PER_CENTROID))
+    return nlist, min(nlist, IVF_NPROBE)
 
 
 def pq_params(num: int, dim: int) -> tuple[int, int]:
@@ -107,11 +125,20 @@ def _cpu_index(bank: np.ndarray, kind: str) -> faiss.Index:
             m, nbits = pq_params(num, dim)
             index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, nbits)
             index.pq.cp.min_points_per_centroid = _PQ_POINTS_PER_CENTROID  # no under-training warning
-        index.train(bank)
+        index.train(_training_sample(bank, nlist))
         index.nprobe = nprobe
         index.referenced_objects = [quantizer]  # keep the quantizer alive with the index
     index.add(bank)
     return index
+
+
+def _training_sample(bank: np.ndarray, nlist: int) -> np.ndarray:
+    """At most IVF_TRAIN_PER_LIST points per list, drawn with a fixed seed (k-means cost grows with points)."""
+    cap = IVF_TRAIN_PER_LIST * nlist
+    if len(bank) <= cap:
+        return bank
+    rows = np.sort(np.random.default_rng(0).choice(len(bank), cap, replace=False))
+    return bank[rows]
 
 
 def build_index(
@@ -159,6 +186,54 @@ def search(
     dist = np.sqrt(np.maximum(sq, 0.0), dtype=np.float32) if index.metric_type == faiss.METRIC_L2 else sq
     dist[idx < 0] = np.inf
     return dist, idx
+
+
+REFINE_TOP = 16  # queries per image searched again
+REFINE_FACTOR = 8  # with this many times the default search effort
+
+
+def search_effort(index: faiss.Index) -> int | None:
+    """The default search effort of an approximate index (HNSW efSearch, IVF nprobe); None for exact ones."""
+    if isinstance(index, faiss.IndexHNSW):
+        return int(index.hnsw.efSearch)
+    ivf = faiss.try_extract_index_ivf(index)
+    return None if ivf is None else int(ivf.nprobe)
+
+
+def refine_farthest(
+    index: faiss.Index,
+    queries: np.ndarray,
+    dist: np.ndarray,
+    group: int,
+    top: int = REFINE_TOP,
+    factor: int = REFINE_FACTOR,
+) -> np.ndarray:
+    """Nearest distances ``[Q]`` with the ``top`` farthest queries of every ``group`` consecutive rows (one
+    image's patches) searched again with ``factor`` x the index's search effort; the smaller distance wins.
+
+    An approximate index misses the true neighbour most often for the queries farthest from the bank, and an
+    image's score is its farthest patch: a miss there inflates a normal image's score. Approximate distances
+    are never below the true ones, so taking the minimum only moves them towards the exact values. Exact
+    indexes are returned unchanged. Thread-safe: the effort is passed per call, the index is not modified.
+    """
+    effort = None if is_gpu_index(index) else search_effort(index)  # GPU indexes: not refined
+    if effort is None or top <= 0:
+        return dist
+    if len(dist) % group:
+        raise ValueError(f"{len(dist)} distances do not split into groups of {group}")
+    top = min(top, group)
+    per_group = dist.reshape(-1, group)
+    worst = np.argpartition(-per_group, top - 1, axis=1)[:, :top] + group * np.arange(len(per_group))[:, None]
+    rows = worst.ravel()
+    if isinstance(index, faiss.IndexHNSW):
+        params = faiss.SearchParametersHNSW(efSearch=effort * factor)
+    else:
+        params = faiss.SearchParametersIVF(nprobe=min(effort * factor, faiss.extract_index_ivf(index).nlist))
+    sq, idx = index.search(_as_matrix(queries[rows], "queries", index.d), 1, params=params)
+    again = np.where(idx[:, 0] >= 0, np.sqrt(np.maximum(sq[:, 0], 0.0)), np.inf).astype(np.float32)
+    out = dist.copy()
+    out[rows] = np.minimum(out[rows], again)
+    return out
 
 
 def index_to_bytes(index: faiss.Index) -> bytes:

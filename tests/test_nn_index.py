@@ -10,6 +10,7 @@ from scipy.spatial.distance import cdist
 
 from components.nn_index import (
     AUTO_FLAT_MAX,
+    AUTO_GPU_FLAT_MAX,
     auto_kind,
     build_index,
     faiss_threads,
@@ -77,7 +78,9 @@ def test_auto_rule(clustered):
     assert isinstance(build_index(clustered[0]), faiss.IndexFlatL2)
     assert auto_kind(AUTO_FLAT_MAX - 1) == "flat"
     assert auto_kind(AUTO_FLAT_MAX) == "hnsw"
-    assert auto_kind(AUTO_FLAT_MAX, use_gpu=True) == "ivf_flat"
+    assert auto_kind(AUTO_FLAT_MAX, use_gpu=True) == "flat"
+    assert auto_kind(AUTO_GPU_FLAT_MAX - 1, use_gpu=True) == "flat"
+    assert auto_kind(AUTO_GPU_FLAT_MAX, use_gpu=True) == "ivf_flat"
 
 
 def test_ivf_params_are_sane():
@@ -125,3 +128,52 @@ def test_faiss_threads_restore_torch_and_faiss(clustered):
     bank, queries = clustered
     search(build_index(bank, "flat", threads=1), queries, threads=1)
     assert (torch.get_num_threads(), faiss.omp_get_max_threads()) == before
+
+
+def test_auto_picks_hnsw_for_large_cpu_banks_and_ivf_trains_on_a_sample():
+    """Above AUTO_FLAT_MAX the auto index is HNSW; IVF on a bank larger than its training cap trains on a
+    seeded sample. Both still find the exact nearest neighbour for nearly every query."""
+    rng = np.random.default_rng(1)
+    centres = rng.normal(scale=10.0, size=(200, 16))
+    bank = (np.repeat(centres, AUTO_FLAT_MAX // 200 + 1, axis=0) + rng.normal(size=(1, 16))).astype(
+        np.float32
+    )
+    bank += rng.normal(size=bank.shape).astype(np.float32)
+    queries = bank[rng.choice(len(bank), 300, replace=False)] + 0.1 * rng.normal(size=(300, 16))
+    truth = search(build_index(bank, "flat", threads=1), queries, k=1, threads=1)[1][:, 0]
+    auto = build_index(bank, threads=1)
+    assert isinstance(auto, faiss.IndexHNSWFlat)
+    ivf = build_index(bank, "ivf_flat", threads=1)
+    assert len(bank) > 64 * ivf_params(len(bank))[0]  # the sampled-training path ran
+    for index in (auto, ivf):
+        assert (search(index, queries, k=1, threads=1)[1][:, 0] == truth).mean() >= 0.95
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf_flat"])
+def test_refine_farthest_moves_the_worst_queries_towards_exact(clustered, kind):
+    """With a starved search effort, re-searching each group's farthest queries never increases a distance,
+    never goes below the exact one, and recovers the exact distance for those queries; flat is untouched."""
+    from components.nn_index import refine_farthest, search_effort
+
+    bank, queries = clustered
+    rng = np.random.default_rng(3)
+    queries = np.concatenate([queries, rng.normal(scale=12.0, size=(56, 16))]).astype(np.float32)  # 256 rows
+    exact = cdist(queries, bank).min(1)
+    index = build_index(bank, kind, threads=1)
+    if kind == "hnsw":
+        index.hnsw.efSearch = 1
+    else:
+        index.nprobe = 1
+    assert search_effort(index) == 1
+    plain = search(index, queries, k=1, threads=1)[0][:, 0]
+    refined = refine_farthest(index, queries, plain, group=64, top=16, factor=64)
+    assert refined.shape == plain.shape and (refined <= plain).all()
+    assert (refined >= exact - 1e-3).all()
+    worst = (np.argsort(-plain.reshape(4, 64), axis=1)[:, :16] + 64 * np.arange(4)[:, None]).ravel()
+    hit_plain = np.isclose(plain[worst], exact[worst], rtol=1e-3, atol=1e-3).mean()
+    hit_refined = np.isclose(refined[worst], exact[worst], rtol=1e-3, atol=1e-3).mean()
+    assert hit_refined >= 0.95 and hit_refined > hit_plain  # HNSW may still miss an isolated far query
+    assert search_effort(build_index(bank, "flat")) is None
+    np.testing.assert_array_equal(refine_farthest(build_index(bank, "flat"), queries, plain, 64), plain)
+    with pytest.raises(ValueError, match="groups of 60"):
+        refine_farthest(index, queries, plain, group=60)
