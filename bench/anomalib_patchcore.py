@@ -86,6 +86,14 @@ def truncate_blocks(patchcore) -> None:
         raise RuntimeError("truncation removed a requested level")
 
 
+def bank_rows(bank: torch.Tensor, kept: torch.Tensor) -> np.ndarray:
+    """Row indices of ``bank`` equal to each row of ``kept`` (nearest row; exact for a subset)."""
+    rows = []
+    for s in range(0, len(kept), 256):
+        rows.append(torch.cdist(kept[s : s + 256], bank).argmin(1))
+    return torch.cat(rows).numpy().astype(np.int64)
+
+
 def minmax(t: torch.Tensor) -> torch.Tensor:
     t = t.double()
     lo, hi = t.min(), t.max()
@@ -133,6 +141,9 @@ def main() -> None:
     ap.add_argument("--engine-check", action="store_true", help="also run anomalib Engine fit/test (refits!)")
     ap.add_argument(
         "--save-bank", type=Path, default=None, help="save the full pre-coreset patch bank as .npy"
+    )
+    ap.add_argument(
+        "--save-idx", type=Path, default=None, help="save the rows of the saved bank its coreset kept (.npy)"
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
@@ -219,6 +230,9 @@ def main() -> None:
         res["fit_coreset_s"] = time.perf_counter() - t0
         log(f"coreset: {res['fit_coreset_s']:.1f}s")
         res["fit_total_s"] = res["fit_features_s"] + res["fit_coreset_s"]
+        if args.save_idx:  # which rows of the saved bank KCenterGreedy kept (exact matches, after timing)
+            np.save(args.save_idx, bank_rows(bank_full, model.memory_bank))
+            res["saved_idx"] = str(args.save_idx)
     res["patches_after_coreset"] = int(model.memory_bank.shape[0])
     # KCenterGreedy projects with SparseRandomProjection(eps=0.9); its JL dimension is not capped at feature_dim.
     res["coreset_projection_dim"] = int(
@@ -298,6 +312,18 @@ def main() -> None:
         "preprocess_ms_mean": float(np.mean(pre_ms)),
         "preprocess_ms_p50": pct(pre_ms, 50),
     }
+
+    # ---------------- in-process throughput, batch 8 (prepared tensors, forward only) ----------------
+    batch8 = []
+    with torch.inference_mode():
+        for k, i in enumerate(range(0, len(x_test) - 7, 8)):
+            t0 = time.perf_counter()
+            out = model(x_test[i : i + 8])
+            _ = out.pred_score.sum().item()
+            if k >= 1:  # the first batch warms up
+                batch8.append((time.perf_counter() - t0) * 1e3 / 8)
+    res["latency_batch8"] = {"n_batches": len(batch8), "forward_ms_per_image_mean": float(np.mean(batch8))}
+    log(f"latency b8: {res['latency_batch8']['forward_ms_per_image_mean']:.1f} ms per image")
 
     res["env"] = {
         "torch_threads": torch.get_num_threads(),
