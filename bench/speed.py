@@ -118,7 +118,7 @@ def inference_bench(bundle: Path, data: Path, n_images: int = 32) -> dict:
     images = torch.cat([b["image"] for b in loader])
     out = {}
     for batch in (1, 8):
-        for i in range(0, 2 * batch, batch):  # warm-up
+        for i in range(0, max(8, 2 * batch), batch):  # warm-up: the first calls run slow (allocator, oneDNN)
             model.predict(images[i : i + batch])
         start = time.perf_counter()
         for i in range(0, len(images) - batch + 1, batch):

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 from components.backbone import FeatureExtractor
 from components.config import BankConfig
 from components.coreset import greedy_coreset
-from components.patch_features import flatten_patches, patch_embedding
+from components.patch_features import embed_images, flatten_patches
 
 
 @torch.inference_mode()
@@ -26,7 +26,7 @@ def extract_embeddings(
     out: np.ndarray | None = None
     grid, filled = (0, 0), 0
     for batch in tqdm(loader, desc="features", unit="batch", disable=not progress, dynamic_ncols=True):
-        emb = patch_embedding(extractor(batch["image"].to(device)), bank.aggregation, bank.feature_dim)
+        emb = embed_images(extractor, batch["image"].to(device), bank.aggregation, bank.feature_dim)
         grid = tuple(emb.shape[-2:])
         flat = flatten_patches(emb).float().cpu().numpy()
         if total is not None and out is None:

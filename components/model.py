@@ -11,7 +11,7 @@ from components.backbone import FeatureExtractor
 from components.calibration import Calibration
 from components.config import TocoadConfig
 from components.nn_index import build_index, refine_farthest, search
-from components.patch_features import flatten_patches, patch_embedding
+from components.patch_features import embed_images, flatten_patches
 from components.scoring import anomaly_map, reweighted_image_score
 
 
@@ -50,8 +50,8 @@ class AnomalyModel:
     @torch.inference_mode()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Patch embeddings ``[B, C, h, w]`` of a [0, 1] RGB batch at the model's image size."""
-        return patch_embedding(
-            self.extractor(images.to(self.device)), self.cfg.bank.aggregation, self.cfg.bank.feature_dim
+        return embed_images(
+            self.extractor, images.to(self.device), self.cfg.bank.aggregation, self.cfg.bank.feature_dim
         )
 
     @torch.inference_mode()

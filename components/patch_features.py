@@ -37,6 +37,23 @@ def patch_embedding(
     return emb
 
 
+CPU_CHUNK = 1  # images per backbone call on CPU; see embed_images
+
+
+def embed_images(
+    extractor, images: torch.Tensor, kernel: int = 3, feature_dim: int | None = None
+) -> torch.Tensor:
+    """:func:`patch_embedding` of ``extractor(images)`` ``[B, C, h, w]``; on CPU one image per backbone call.
+
+    On CPU a batch of 8 took 2.7x longer per image than single images (activations of one 256 px image stay
+    in cache; bench/RESULTS.md 7.2), so CPU batches run as a loop of CPU_CHUNK images; GPUs take the batch.
+    """
+    if images.device.type != "cpu" or len(images) <= CPU_CHUNK:
+        return patch_embedding(extractor(images), kernel, feature_dim)
+    parts = [images[i : i + CPU_CHUNK] for i in range(0, len(images), CPU_CHUNK)]
+    return torch.cat([patch_embedding(extractor(x), kernel, feature_dim) for x in parts])
+
+
 def flatten_patches(emb: torch.Tensor) -> torch.Tensor:
     """``[B, C, h, w]`` -> ``[B * h * w, C]`` (row-major over images, then rows, then columns)."""
     return emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])

@@ -52,3 +52,18 @@ def test_streamed_extraction_fills_one_array_like_concatenation():
     assert grid == grid_b == (8, 8)
     assert a.shape == (5 * 64, 152) and a.dtype == np.float32 and a.flags.c_contiguous
     np.testing.assert_array_equal(a, b_)
+
+
+def test_embed_images_in_cpu_chunks_equals_one_batch():
+    """The CPU loop over single images gives the batch's embedding (eval-mode backbone: no batch coupling)."""
+    from components.patch_features import embed_images, patch_embedding
+
+    cfg = TocoadConfig()
+    b = cfg.backbone
+    extractor = create_feature_extractor(b.name, b.weights, b.layers, b.mean, b.std).eval()
+    images = torch.rand(3, 3, 64, 64)
+    with torch.inference_mode():
+        chunked = embed_images(extractor, images, 3, None)
+        whole = patch_embedding(extractor(images), 3, None)
+    assert chunked.shape == whole.shape == (3, 152, 8, 8)
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-4)
