@@ -22,27 +22,24 @@ def extract_embeddings(
     straight into one array allocated after the first batch, so peak memory is the bank plus one batch.
     """
     total = len(loader.dataset) if hasattr(loader, "dataset") and hasattr(loader.dataset, "__len__") else None
-    chunks: list[np.ndarray] = []
     out: np.ndarray | None = None
-    grid, filled = (0, 0), 0
+    extra: list[np.ndarray] = []  # batches of an unsized loader, or past the size it announced
+    grid, written = (0, 0), 0
     for batch in tqdm(loader, desc="features", unit="batch", disable=not progress, dynamic_ncols=True):
         emb = embed_images(extractor, batch["image"].to(device), bank.aggregation, bank.feature_dim)
         grid = tuple(emb.shape[-2:])
         flat = flatten_patches(emb).float().cpu().numpy()
         if total is not None and out is None:
             out = np.empty((total * grid[0] * grid[1], flat.shape[1]), dtype=np.float32)
-        if out is None or filled + len(flat) > len(out):
-            chunks.append(flat)  # unsized loader (or one that yields more than it said): collect
+        if out is not None and not extra and written + len(flat) <= len(out):
+            out[written : written + len(flat)] = flat
+            written += len(flat)
         else:
-            out[filled : filled + len(flat)] = flat
-        filled += len(flat)
-    if filled == 0:
+            extra.append(flat)
+    parts = ([out[:written]] if written else []) + extra
+    if not parts:
         raise ValueError("no training images to build the memory bank from")
-    if out is None:
-        return np.concatenate(chunks), grid
-    if chunks or filled != len(out):
-        return np.concatenate([out[: min(filled, len(out))], *chunks]), grid
-    return out, grid
+    return (parts[0] if len(parts) == 1 else np.concatenate(parts)), grid
 
 
 def subsample(embeddings: np.ndarray, bank: BankConfig, seed: int, progress: bool = True) -> np.ndarray:

@@ -53,6 +53,15 @@ def test_streamed_extraction_fills_one_array_like_concatenation():
     assert a.shape == (5 * 64, 152) and a.dtype == np.float32 and a.flags.c_contiguous
     np.testing.assert_array_equal(a, b_)
 
+    class Understated:  # announces 3 images, yields 5: the surplus is kept, in order, with nothing unwritten
+        dataset = [0, 0, 0]
+
+        def __iter__(self):
+            return ({"image": images[i : i + 2]} for i in range(0, 5, 2))
+
+    c, _ = extract_embeddings(extractor, Understated(), cfg.bank, torch.device("cpu"), progress=False)
+    np.testing.assert_array_equal(c, b_)
+
 
 def test_embed_images_in_cpu_chunks_equals_one_batch():
     """The CPU loop over single images gives the batch's embedding (eval-mode backbone: no batch coupling)."""
