@@ -39,6 +39,19 @@ def machine() -> dict:
     }
 
 
+def copy_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes per second of the best of ``repeats`` numpy copies of a ``gib`` GiB float32 array (bytes copied,
+    i.e. one read and one write of each byte), after one warm-up copy."""
+    a = np.ones(int(gib * (1 << 28)), dtype=np.float32)
+    b = np.empty_like(a)
+    best = np.inf
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - start)
+    return a.nbytes / best
+
+
 def frozen_extractor(cfg: TocoadConfig | None = None) -> FeatureExtractor:
     """The pretrained F of the default config (stage 2 off), in eval mode."""
     b = (cfg or TocoadConfig()).backbone

@@ -56,13 +56,14 @@ BATCH = 16
 def extract_features(samples: list, max_patches: int | None) -> tuple[np.ndarray, int, int]:
     """Pretrained F's patch features ``[N, D]`` of ``samples`` in order, 16 images at a time, stopping once
     ``max_patches`` are reached; also the patches per image and the images used."""
-    from components.backbone import create_feature_extractor
+    from benchlib import frozen_extractor
+
     from components.config import TocoadConfig
     from components.memory_bank import extract_embeddings
     from components.pipeline import data_loader
 
     cfg = TocoadConfig().with_overrides(["runtime.num_workers=0"])
-    f = create_feature_extractor(cfg.backbone.name, cfg.backbone.weights, cfg.backbone.layers)
+    f = frozen_extractor(cfg)
     chunks, grid, used = [], (0, 0), 0
     for s in range(0, len(samples), BATCH):
         loader = data_loader(cfg, samples[s : s + BATCH], BATCH, shuffle=False)
@@ -273,4 +274,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as exc:  # e.g. fewer images than shards: say so, no traceback
+        sys.exit(f"error: {exc}")

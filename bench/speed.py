@@ -27,9 +27,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import auroc_from_distances, machine, test_queries  # noqa: E402
+from benchlib import auroc_from_distances, copy_bandwidth, frozen_extractor, machine, test_queries  # noqa: E402
 
-from components.backbone import create_feature_extractor  # noqa: E402
 from components.config import TocoadConfig  # noqa: E402
 from components.coreset import covering_radius, greedy_coreset  # noqa: E402
 from components.datasets import discover  # noqa: E402
@@ -41,24 +40,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PEER_PY = ROOT / "bench" / ".venv-anomalib" / "bin" / "python"
 
 
-def copy_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """Bytes per second of the best of ``repeats`` numpy copies of a ``gib`` GiB float32 array (bytes copied,
-    i.e. one read and one write of each byte)."""
-    a = np.ones(int(gib * (1 << 28)), dtype=np.float32)
-    b = np.empty_like(a)
-    best = np.inf
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        np.copyto(b, a)
-        best = min(best, time.perf_counter() - start)
-    return a.nbytes / best
-
-
 def extract_features(data: Path) -> tuple[np.ndarray, float]:
     """Pretrained F's patch features of every training image, and the seconds it took."""
     cfg = TocoadConfig()
     samples = discover(data).train
-    f = create_feature_extractor(cfg.backbone.name, cfg.backbone.weights, cfg.backbone.layers)
+    f = frozen_extractor(cfg)
     loader = data_loader(cfg.with_overrides(["runtime.num_workers=0"]), samples, 16, shuffle=False)
     start = time.perf_counter()
     feats, _ = extract_embeddings(f, loader, cfg.bank, torch.device("cpu"), progress=False)
