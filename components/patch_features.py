@@ -45,8 +45,8 @@ def embed_images(
 ) -> torch.Tensor:
     """:func:`patch_embedding` of ``extractor(images)`` ``[B, C, h, w]``; on CPU one image per backbone call.
 
-    On CPU a batch of 8 took 2.7x longer per image than single images (activations of one 256 px image stay
-    in cache; bench/RESULTS.md 7.2), so CPU batches run as a loop of CPU_CHUNK images; GPUs take the batch.
+    On CPU a batch of 8 in one call took 1.9x longer per image than single images (``bench/backbone_batch.py``,
+    bench/RESULTS.md 7.2), so CPU batches run as a loop of CPU_CHUNK images; GPUs take the batch.
     """
     if images.device.type != "cpu" or len(images) <= CPU_CHUNK:
         return patch_embedding(extractor(images), kernel, feature_dim)
