@@ -1,41 +1,25 @@
 """Decision thresholds and score normalisation fitted without real defects.
 
-Inputs are scores of held-out NORMAL training images (never seen by the memory bank) and, optionally,
-scores of SYNTHETIC anomaly images made from held-out normals, standing in for defects. anomalib's
-adaptive threshold degenerates (flags everything) when no defective validation images exist (its
-issues #2433, #3357); this rule stays sensible with or without synthetics.
+Inputs are scores of NORMAL training images, each scored against a memory bank that does not hold it (out of fold,
+see :mod:`components.out_of_fold`), and optionally scores of SYNTHETIC anomalies made from training images.
 
 Threshold rule (same at image and pixel level)
 ----------------------------------------------
-1. Normal bound ``B`` -- a conservative estimate of the ``q`` quantile of normal scores
-   (``q = normal_quantile``). Tail quantiles from a few dozen or hundred held-out normals are noisy and
-   biased low (in one draw of 200 Gaussian scores the empirical 0.99 quantile sat at the true 0.966
-   quantile and flagged 3.4% of fresh normals), so ``B`` is the larger of the empirical quantile and
-   the Gaussian estimate ``mean + z_q * std`` (``z_q`` the standard-normal quantile, 2.33 at 0.99;
-   ``std`` with ddof=1). The Gaussian term steadies near-normal score distributions; the empirical
-   one takes over for right-skewed ones. With fewer than ``1/(1-q)`` normals (100 at q=0.99) the
-   quantile lies beyond the data, so ``B`` is also at least ``max(normal)``. A single normal gives
-   ``B`` = its score.
+A plant chooses how many good parts it can afford to reject: the target false-alarm rate ``a``
+(``calibration.false_alarm_rate``). The threshold is the ``q = 1 - a`` quantile of the normal scores (linear
+interpolation, method ``"normal_quantile"``), so about ``a`` of good parts score at or above it. With fewer
+normals than ``1 / a`` that quantile lies beyond the data and the largest normal score is used instead
+(method ``"normal_max"``); a single normal gives its own score.
 
-2. No synthetic scores (``None`` or empty): ``threshold = B`` (method ``"normal_only"``): about
-   ``1 - q`` of normals are flagged, never all of them.
+Synthetic anomalies never move the threshold: they are only a sanity check. Their share at or above the
+threshold is stored as ``synthetic_recall`` (with the F1 of normals against synthetics at the threshold). The
+previous rule set the threshold between normal and synthetic scores; Perlin blobs score far above real defects,
+so that threshold missed most of them (bench/RESULTS.md section 8).
 
-3. With synthetics: take the F1-max cut ``c`` between normals (negatives) and synthetics
-   (positives). Every threshold in ``(b, c]`` gives that F1, ``b`` being the next lower distinct
-   score. With ``lower = max(b, B)``:
-
-   * ``lower < c``: ``threshold = (lower + c) / 2`` -- the middle of the admissible gap rather than its
-     edge at the lowest flagged synthetic, so real defects a little weaker than the synthetics are still
-     caught, and normals a little stronger than the held-out ones are not flagged. Method
-     ``"separated"`` when max(normal) < min(synthetic), else ``"f1"``.
-   * ``lower >= c``: ``threshold = B`` (method ``"normal_bound"``): the F1 cut would flag more than
-     ``1 - q`` of normals (heavy overlap, or a generator whose anomalies score like normals), and
-     flagging good parts is the failure we guard against, so the normal bound wins.
-
-Pixel thresholds use the same rule with per-pixel scores: negatives are all normal-image pixels plus
-unmasked synthetic pixels, positives the masked synthetic pixels. Their quantile defaults to 0.999
-(``pixel_quantile``): at 0.99 every normal 256x256 map would show ~650 flagged pixels. Pixel inputs are
-randomly subsampled (fixed seed) to ``max_pixels`` per group to bound time and memory.
+Pixel thresholds use the same rule with per-pixel scores of the normal maps at ``pixel_quantile`` (default
+0.999: at 0.99 every normal 256x256 map would show ~650 flagged pixels); unmasked synthetic pixels join the
+negatives and masked ones are the positives of the sanity figures. Pixel inputs are randomly subsampled (fixed
+seed) to ``max_pixels`` per group to bound time and memory.
 
 Normalisation maps raw scores piecewise-linearly to [0, 1] with the threshold at exactly 0.5:
 ``[lo, threshold] -> [0, 0.5]``, ``[threshold, hi] -> [0.5, 1]``, clipped, where ``lo``/``hi`` are the
@@ -50,9 +34,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy.stats import norm
-
-from components.metrics import f1_curve
 
 __all__ = ["Calibration", "LevelCalibration", "fit_calibration", "fit_level", "normal_bound"]
 
@@ -75,6 +56,7 @@ class LevelCalibration:
     n_normal: int = 0
     n_synthetic: int = 0
     f1: float | None = None  # F1 of the threshold on normals vs synthetics, if any
+    synthetic_recall: float | None = None  # share of synthetic anomalies at or above the threshold
 
     def normalize(self, scores: np.ndarray | float) -> np.ndarray | float:
         """Map raw scores to [0, 1], threshold -> 0.5, monotonic, piecewise linear, clipped."""
@@ -168,7 +150,8 @@ def _level_from_dict(data: dict[str, Any]) -> LevelCalibration:
         "normal_std",
     ):
         data[key] = float(data[key])
-    data["f1"] = None if data.get("f1") is None else float(data["f1"])
+    for key in ("f1", "synthetic_recall"):
+        data[key] = None if data.get(key) is None else float(data[key])
     return LevelCalibration(**data)
 
 
@@ -183,14 +166,16 @@ def _finite_1d(values: Any, what: str) -> np.ndarray:
 
 
 def normal_bound(normal: np.ndarray, quantile: float) -> float:
-    """Conservative estimate of the ``quantile`` of normal scores (module doc, step 1)."""
+    """The ``quantile`` of normal scores, or their maximum when there are too few to estimate it (module doc)."""
     normal = np.asarray(normal, dtype=np.float64).ravel()
-    if normal.size == 1:
-        return float(normal[0])
-    candidates = [np.quantile(normal, quantile), normal.mean() + norm.ppf(quantile) * normal.std(ddof=1)]
-    if normal.size < math.ceil(1.0 / (1.0 - quantile) - 1e-9):
-        candidates.append(normal.max())
-    return float(max(candidates))
+    if _too_few(normal.size, quantile):
+        return float(normal.max())
+    return float(np.quantile(normal, quantile))
+
+
+def _too_few(n: int, quantile: float) -> bool:
+    """Fewer than ``1 / (1 - quantile)`` scores: the quantile lies beyond the data."""
+    return n < math.ceil(1.0 / (1.0 - quantile) - 1e-9)
 
 
 def _anchors(threshold: float, lo: float, hi: float, symmetric_min: bool) -> tuple[float, float]:
@@ -205,26 +190,15 @@ def _anchors(threshold: float, lo: float, hi: float, symmetric_min: bool) -> tup
     return threshold - below, threshold + above
 
 
-def _f1_gap(normal: np.ndarray, synthetic: np.ndarray, bound: float) -> tuple[float, str]:
-    labels = np.concatenate([np.zeros(normal.size, bool), np.ones(synthetic.size, bool)])
-    thresholds, f1 = f1_curve(labels, np.concatenate([normal, synthetic]))
-    best = int(np.argmax(f1))  # thresholds descend, so ties pick the highest cut
-    cut = thresholds[best]
-    below = thresholds[best + 1] if best + 1 < thresholds.size else -np.inf
-    lower = max(below, bound)
-    if lower >= cut:
-        return bound, "normal_bound"
-    method = "separated" if normal.max() < synthetic.min() else "f1"
-    return float((lower + cut) / 2.0), method
-
-
 def fit_level(
     normal: Any,
     synthetic: Any | None = None,
     quantile: float = 0.99,
     synthetic_negatives: Any | None = None,
 ) -> LevelCalibration:
-    """Fit one level. ``synthetic_negatives`` are extra negatives (unmasked synthetic pixels)."""
+    """Fit one level at ``quantile`` = 1 - target false-alarm rate. Synthetic scores (and the extra negatives
+    ``synthetic_negatives``, unmasked synthetic pixels) only give the sanity figures ``f1`` and ``synthetic_recall``.
+    """
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"quantile must be in (0, 1), got {quantile}")
     normal = _finite_1d(normal, "normal scores")
@@ -232,14 +206,14 @@ def fit_level(
         raise ValueError("calibration needs at least one held-out normal score")
     syn = np.empty(0) if synthetic is None else _finite_1d(synthetic, "synthetic scores")
     extra = np.empty(0) if synthetic_negatives is None else _finite_1d(synthetic_negatives, "scores")
-    bound = normal_bound(normal, quantile)
-    if syn.size == 0:
-        threshold, method, f1 = bound, "normal_only", None
-    else:
+    threshold = normal_bound(normal, quantile)
+    method = "normal_max" if _too_few(normal.size, quantile) else "normal_quantile"
+    f1 = recall = None
+    if syn.size:
         negatives = np.concatenate([normal, extra])
-        threshold, method = _f1_gap(negatives, syn, bound)
         tp = np.count_nonzero(syn >= threshold)
         f1 = float(2 * tp / (tp + np.count_nonzero(negatives >= threshold) + syn.size))
+        recall = float(tp / syn.size)
     everything = np.concatenate([normal, syn, extra])
     lo, hi = _anchors(threshold, everything.min(), everything.max(), symmetric_min=syn.size == 0)
     return LevelCalibration(
@@ -247,7 +221,7 @@ def fit_level(
         score_min=float(lo),
         score_max=float(hi),
         method=method,
-        normal_bound=bound,
+        normal_bound=threshold,
         quantile=float(quantile),
         normal_mean=float(normal.mean()),
         normal_std=float(normal.std()),
@@ -255,6 +229,7 @@ def fit_level(
         n_normal=int(normal.size),
         n_synthetic=int(syn.size),
         f1=f1,
+        synthetic_recall=recall,
     )
 
 

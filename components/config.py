@@ -30,10 +30,11 @@ class DataConfig(_Section):
         "auto", description="Dataset folder layout; auto detects it from the folder structure."
     )
     holdout_fraction: float = Field(
-        0.1,
+        0.0,
         ge=0.0,
         le=0.5,
-        description="Share of train/good kept out of the memory bank to calibrate the threshold.",
+        description="Share of train/good kept out of every stage and scored only for calibration (0 = none: "
+        "out-of-fold scores of all training images calibrate, and the bank keeps every image).",
     )
     max_image_pixels: int = Field(
         40_000_000,
@@ -116,7 +117,12 @@ class StageDConfig(_Section):
 
 
 class ContrastiveConfig(_Section):
-    enabled: bool = Field(True, description="Stage 2: fine-tune F with SimSiam (off = frozen-F PatchCore).")
+    enabled: bool = Field(True, description="Stage 2: adapt F's patch features (off = frozen-F PatchCore).")
+    mode: Literal["finetune", "adaptor"] = Field(
+        "finetune",
+        description="finetune: train F's last blocks (SimSiam, guide, proximity); adaptor: train a residual "
+        "1x1 head on frozen embeddings with compactness and margin, and build the bank from its output.",
+    )
     epochs: int = Field(4, ge=0, description="Passes over the training images.")
     batch_size: int = Field(8, ge=2, description="Images per step.")
     lr: float = Field(2e-4, gt=0, description="AdamW learning rate of the last trainable blocks of F.")
@@ -137,6 +143,35 @@ class ContrastiveConfig(_Section):
     )
     distill_weight: float = Field(
         1.0, ge=0, description="Weight of the proximity term to the frozen pretrained F."
+    )
+    photometric: bool = Field(
+        True,
+        description="finetune: the second SimSiam view also gets colour jitter, blur and noise (off = flip "
+        "only, which keeps contamination and colour cues).",
+    )
+    compact_weight: float = Field(
+        1.0,
+        ge=0,
+        description="adaptor: weight of compactness (normal patches pulled to the nearest memory patch of other "
+        "images).",
+    )
+    margin_weight: float = Field(
+        1.0,
+        ge=0,
+        description="adaptor: weight of the margin (flagged synthetic-anomaly patches pushed beyond the normal "
+        "distances).",
+    )
+    margin: float = Field(
+        0.5,
+        ge=0,
+        description="Flagged patches are pushed beyond (1 + margin) x the normal quantile of distances.",
+    )
+    margin_quantile: float = Field(
+        0.99, gt=0, lt=1, description="Quantile of normal nearest-memory distances the margin starts from."
+    )
+    adaptor_epochs: int = Field(20, ge=0, description="adaptor: passes over the training images.")
+    synthetic_per_image: int = Field(
+        2, ge=1, le=8, description="adaptor: synthetic-anomaly images made (once) per training image."
     )
 
 
@@ -166,12 +201,27 @@ class BankConfig(_Section):
 
 
 class CalibrationConfig(_Section):
-    synthetic_per_image: int = Field(2, ge=0, description="Synthetic anomalies scored per held-out image.")
-    normal_quantile: float = Field(
-        0.99,
-        gt=0.5,
-        lt=1,
-        description="The threshold never falls below this quantile of held-out normal scores.",
+    false_alarm_rate: float = Field(
+        0.01,
+        gt=0,
+        lt=0.5,
+        description="Target share of good parts flagged as defective: the threshold is the 1 - rate quantile of "
+        "the out-of-fold scores of the training images.",
+    )
+    pixel_false_alarm_rate: float = Field(
+        0.001, gt=0, lt=0.5, description="The same for pixels of good parts (segmentation masks and boxes)."
+    )
+    folds: int = Field(
+        5,
+        ge=2,
+        le=20,
+        description="Training images are scored in this many folds, each against a memory bank built without "
+        "them, so every training image gives one honest normal score.",
+    )
+    synthetic_images: int = Field(
+        64,
+        ge=0,
+        description="Synthetic anomalies scored as a sanity check of the threshold (they never move it).",
     )
 
 
@@ -284,9 +334,10 @@ class TocoadConfig(_Section):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> TocoadConfig:
-        """Validate a nested dict; errors name the field and the expected value."""
+        """Validate a nested dict; errors name the field and the expected value. Settings of older releases
+        (:data:`RETIRED`) are translated or dropped, so older bundles still load."""
         try:
-            return cls.model_validate(data or {})
+            return cls.model_validate(_migrate(data or {}))
         except ValidationError as exc:
             raise ConfigError(_explain(exc)) from None
 
@@ -335,6 +386,24 @@ class TocoadConfig(_Section):
                 dumped = yaml.safe_dump({name: value}, default_flow_style=True, width=1000).strip()[1:-1]
                 lines.append(f"  {dumped}  # {doc}")
         return "\n".join(lines) + "\n"
+
+
+# Settings of older releases: (section, key) -> a function of the old value giving {new key: value}.
+RETIRED: dict[tuple[str, str], Any] = {
+    ("calibration", "normal_quantile"): lambda q: {"false_alarm_rate": round(1.0 - float(q), 12)},
+    ("calibration", "synthetic_per_image"): lambda _: {},
+}
+
+
+def _migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with retired settings translated into today's (a new key set explicitly wins)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for (section, key), translate in RETIRED.items():
+        block = out.get(section)
+        if isinstance(block, dict) and key in block:
+            for new_key, value in translate(block.pop(key)).items():
+                block.setdefault(new_key, value)
+    return out
 
 
 def _explain(exc: ValidationError) -> str:

@@ -122,7 +122,7 @@ class ContrastiveTrainer:
         clean image is both the forgetting guard's target and the negative guide's anchor.
         """
         c, b = self.cfg, clean.shape[0]
-        view = photometric(clean, rng).flip(-1)
+        view = (photometric(clean, rng) if c.photometric else clean).flip(-1)
         with torch.no_grad():
             trunk, levels = self.f.run_steps(torch.cat([clean, view, synth]), 0, self.split)
             ref = self._tail(self.f0, trunk[:b], [lv[:b] for lv in levels])

@@ -146,6 +146,7 @@ def greedy_coreset(
     start: int | None = None,
     progress: bool = False,
     storage_dtype: torch.dtype | str = torch.float32,
+    initial: np.ndarray | None = None,
 ) -> np.ndarray:
     """Indices (int64, in selection order) of a greedy k-centre coreset of ``features`` ``[N, D]``.
 
@@ -154,6 +155,11 @@ def greedy_coreset(
     is ``start`` (default: drawn with ``seed``); each next one is the point farthest from those chosen, the
     lowest index winning ties. Once every remaining point is within float32 rounding of a centre (exact
     duplicates), the lowest unchosen index is taken. ``n >= N`` returns ``arange(N)`` without selection.
+
+    ``initial`` (distinct indices, at most the kept count) are centres chosen already, e.g. the part of a
+    coreset that survives when some images leave the bank: they come first in the output and the greedy
+    continues from them (``start`` is then unused). Continuing from a greedy run's first ``m`` centres gives
+    exactly that run's remaining ones.
     """
     x = _as_tensor(features)
     num = x.shape[0]
@@ -162,27 +168,52 @@ def greedy_coreset(
         raise ValueError(f"start must be in [0, {num}), got {start}")
     if k >= num:
         return np.arange(num, dtype=np.int64)
-    if start is None:
-        start = int(np.random.default_rng(seed).integers(num))
-    bank, sqn = _prepare(random_projection(x, projection_dim, seed), _storage_dtype(storage_dtype))
-    return _greedy(_Distances(bank, sqn), sqn, k, int(start), progress)
+    first = None if initial is None else np.asarray(initial, dtype=np.int64).ravel()
+    if first is not None and first.size:
+        if first.min() < 0 or first.max() >= num or np.unique(first).size != first.size or first.size > k:
+            raise ValueError(f"initial must hold at most {k} distinct indices in [0, {num})")
+        if first.size == k:
+            return first
+    else:
+        first = np.array([int(np.random.default_rng(seed).integers(num)) if start is None else start])
+    projected = random_projection(x, projection_dim, seed)
+    bank, sqn = _prepare(projected, _storage_dtype(storage_dtype))
+    dist = _Distances(bank, sqn)
+    mins = dist(int(first[0])).clone() if first.size == 1 else _nearest_sq(projected, first)
+    return _greedy(dist, sqn, k, first, mins, progress)
 
 
-def _greedy(dist: _Distances, sqn: torch.Tensor, k: int, start: int, progress: bool) -> np.ndarray:
+def _nearest_sq(x: torch.Tensor, centres: np.ndarray) -> torch.Tensor:
+    """Squared distance ``[N]`` (float32) from every point of ``x`` to its nearest point among rows ``centres``."""
+    import faiss
+
+    index = faiss.IndexFlatL2(x.shape[1])
+    index.add(np.ascontiguousarray(x[torch.from_numpy(centres)].float().numpy()))
+    out = torch.empty(x.shape[0])
+    for s in range(0, x.shape[0], _CHUNK_ROWS):
+        sq, _ = index.search(np.ascontiguousarray(x[s : s + _CHUNK_ROWS].float().numpy()), 1)
+        out[s : s + len(sq)] = torch.from_numpy(sq[:, 0])
+    return out.clamp_(min=0)
+
+
+def _greedy(
+    dist: _Distances, sqn: torch.Tensor, k: int, first: np.ndarray, mins: torch.Tensor, progress: bool
+) -> np.ndarray:
+    """Continue the greedy from the centres ``first``; ``mins`` holds every point's squared distance to them."""
     # distances below this are float32 rounding noise of |x|^2 - 2 x.c + |c|^2
     tol = 8.0 * math.sqrt(dist.bank.shape[0]) * torch.finfo(torch.float32).eps * float(sqn.max())
-    mins = torch.full_like(sqn, math.inf)
     selected = np.empty(k, dtype=np.int64)
-    selected[0] = idx = start
+    selected[: first.size] = first
+    mins[torch.from_numpy(first)] = -math.inf
     with tqdm(total=k, desc="coreset", unit="pt", disable=not progress, dynamic_ncols=True) as bar:
-        bar.update(1)
-        for i in range(1, k):
-            torch.minimum(mins, dist(idx), out=mins)
-            mins[idx] = -math.inf
+        bar.update(first.size)
+        for i in range(first.size, k):
             idx = int(torch.argmax(mins))
             if float(mins[idx]) <= tol:  # only duplicates of centres are left: take them in index order
                 idx = int(torch.argmax(torch.isfinite(mins).to(torch.uint8)))
             selected[i] = idx
+            torch.minimum(mins, dist(idx), out=mins)
+            mins[idx] = -math.inf
             bar.update(1)
     return selected
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from tqdm.auto import tqdm
 from components.bundle import write_json
 from components.datasets import discover
 from components.device import resolve_device
-from components.metrics import aupro, f1_max, image_auroc, pixel_auroc
+from components.metrics import aupro, f1_max, image_auroc, pixel_auroc, recall_at_fpr
 from components.pipeline import Artifacts, data_loader, load_artifacts
 from components.report import write_report
 
@@ -23,10 +24,13 @@ def detection_metrics(
     masks: np.ndarray,
     maps: np.ndarray,
     threshold: float | None = None,
+    false_alarm_rate: float | None = None,
 ) -> dict[str, float]:
     """Image AUROC, pixel AUROC, AUPRO (FPR <= 0.3) and F1-max, in percent; rates at ``threshold`` if given.
 
-    A metric that the data cannot support (e.g. no defective images) is left out, not faked.
+    With ``false_alarm_rate`` (the calibration's target) also ``roc_recall_at_target``: the best recall the test
+    ROC allows at that false-alarm rate, the yardstick for the calibrated threshold's recall. A metric that the
+    data cannot support (e.g. no defective images) is left out, not faked.
     """
     out: dict[str, float] = {}
     for name, fn in (
@@ -46,6 +50,11 @@ def detection_metrics(
         out["recall_at_threshold"] = 100.0 * tp / max(tp + fn_, 1)
         out["false_positive_rate_at_threshold"] = 100.0 * fp / max(fp + tn, 1)
         out["accuracy_at_threshold"] = 100.0 * (tp + tn) / max(len(labels), 1)
+        out["false_alarms_at_threshold"] = fp
+        out["misses_at_threshold"] = fn_
+    if false_alarm_rate is not None:
+        with contextlib.suppress(ValueError):
+            out["roc_recall_at_target"] = 100.0 * recall_at_fpr(labels, scores, false_alarm_rate)
     return out
 
 
@@ -62,8 +71,9 @@ def evaluate(
     cols = _score_test_set(art, model, data.test, dev, progress)
     labels = np.asarray(cols["labels"])
     thr = art.calibration.threshold if art.calibration is not None else None
+    rate = art.cfg.calibration.false_alarm_rate if thr is not None else None
     metrics: dict[str, Any] = {
-        "tocoad": detection_metrics(labels, cols["scores"], cols["masks"], cols["maps"], thr),
+        "tocoad": detection_metrics(labels, cols["scores"], cols["masks"], cols["maps"], thr, rate),
         "n_test": int(len(labels)),
         "n_defective": int(labels.sum()),
         "threshold": thr,

@@ -91,3 +91,35 @@ def feature_std(z: torch.Tensor) -> torch.Tensor:
     """Mean per-dimension std of L2-normalised dense features; ~1/sqrt(C) when healthy, 0 when collapsed."""
     flat = F.normalize(z, dim=1).permute(0, 2, 3, 1).reshape(-1, z.shape[1])
     return flat.std(dim=0).mean()
+
+
+@_fp32
+def nearest_memory_distance(
+    feats: torch.Tensor,
+    memory: torch.Tensor,
+    feat_ids: torch.Tensor | None = None,
+    memory_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Euclidean distance ``[P]`` from each patch ``[P, C]`` to its nearest memory item ``[M, C]``.
+
+    With ``feat_ids`` ``[P]`` and ``memory_ids`` ``[M]`` (the image each came from), items of a patch's own image
+    are skipped, as the scorer never sees a test image in its bank. Differentiable in both arguments; the square
+    root is taken of a clamped square so that a zero distance has a finite gradient.
+    """
+    sq = (feats * feats).sum(1, keepdim=True) + (memory * memory).sum(1) - 2.0 * feats @ memory.t()
+    if feat_ids is not None and memory_ids is not None:
+        sq = sq.masked_fill(feat_ids[:, None] == memory_ids[None, :], float("inf"))
+    return sq.min(dim=1).values.clamp(min=1e-12).sqrt()
+
+
+def compactness_loss(distances: torch.Tensor, spread: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Pull normal patches towards the normal memory: their mean nearest-memory distance over ``spread``, the
+    memory's own typical distance between items (with gradient), so that shrinking the whole space gains nothing."""
+    return distances.mean() / spread
+
+
+def margin_loss(distances: torch.Tensor, normal_level: torch.Tensor | float, margin: float) -> torch.Tensor:
+    """Push anomalous patches out: mean ``relu(1 + margin - d / normal_level)`` over their nearest-memory
+    distances ``d``, ``normal_level`` being a high quantile of the normal patches' distances (with gradient, so
+    the normal tail is pulled in as the anomalies are pushed out). Scale-free: zooming the space changes nothing."""
+    return F.relu(1.0 + margin - distances / normal_level).mean()

@@ -14,7 +14,12 @@ from components.patch_features import embed_images, flatten_patches
 
 @torch.inference_mode()
 def extract_embeddings(
-    extractor: FeatureExtractor, loader, bank: BankConfig, device: torch.device, progress: bool = True
+    extractor: FeatureExtractor,
+    loader,
+    bank: BankConfig,
+    device: torch.device,
+    progress: bool = True,
+    adaptor: torch.nn.Module | None = None,
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """Patch embeddings ``[N_images * h * w, C]`` (float32) of every image the loader yields, streamed batch-wise.
 
@@ -26,7 +31,7 @@ def extract_embeddings(
     extra: list[np.ndarray] = []  # batches of an unsized loader, or past the size it announced
     grid, written = (0, 0), 0
     for batch in tqdm(loader, desc="features", unit="batch", disable=not progress, dynamic_ncols=True):
-        emb = embed_images(extractor, batch["image"].to(device), bank.aggregation, bank.feature_dim)
+        emb = embed_images(extractor, batch["image"].to(device), bank.aggregation, bank.feature_dim, adaptor)
         grid = tuple(emb.shape[-2:])
         flat = flatten_patches(emb).float().cpu().numpy()
         if total is not None and out is None:
@@ -42,12 +47,30 @@ def extract_embeddings(
     return (parts[0] if len(parts) == 1 else np.concatenate(parts)), grid
 
 
+def coreset_indices(
+    embeddings: np.ndarray,
+    bank: BankConfig,
+    seed: int,
+    progress: bool = True,
+    initial: np.ndarray | None = None,
+    n: int | None = None,
+) -> np.ndarray:
+    """Sorted row indices of the greedy coreset of ``embeddings`` (float32 ``[M, C]``): ``bank.coreset_ratio`` of
+    the rows (or ``n`` of them), at least one, continuing from the centres ``initial`` when given."""
+    n = max(1, round(len(embeddings) * bank.coreset_ratio)) if n is None else n
+    if n >= len(embeddings):
+        return np.arange(len(embeddings))
+    idx = greedy_coreset(
+        embeddings,
+        n=n,
+        projection_dim=bank.projection_dim or None,
+        seed=seed,
+        progress=progress,
+        initial=initial,
+    )
+    return np.sort(idx)
+
+
 def subsample(embeddings: np.ndarray, bank: BankConfig, seed: int, progress: bool = True) -> np.ndarray:
     """The greedy coreset of ``embeddings`` (float32 ``[M, C]``), at least one patch."""
-    n = max(1, round(len(embeddings) * bank.coreset_ratio))
-    if n >= len(embeddings):
-        return embeddings
-    idx = greedy_coreset(
-        embeddings, n=n, projection_dim=bank.projection_dim or None, seed=seed, progress=progress
-    )
-    return np.ascontiguousarray(embeddings[np.sort(idx)])
+    return np.ascontiguousarray(embeddings[coreset_indices(embeddings, bank, seed, progress)])

@@ -26,6 +26,7 @@ __all__ = [
     "pixel_auroc",
     "pixel_roc_curve",
     "pro_curve",
+    "recall_at_fpr",
     "roc_curve",
 ]
 
@@ -172,6 +173,12 @@ def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     _check_both(y, "image AUROC", "images")
     fpr, tpr, _ = roc_curve(y, scores)
     return _auc(fpr, tpr)
+
+
+def recall_at_fpr(labels: np.ndarray, scores: np.ndarray, max_fpr: float) -> float:
+    """The highest recall (TPR) any threshold reaches with a false-positive rate of at most ``max_fpr``."""
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return float(tpr[fpr <= max_fpr + 1e-12].max())
 
 
 def f1_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

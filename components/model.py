@@ -10,9 +10,9 @@ import torch
 from components.backbone import FeatureExtractor
 from components.calibration import Calibration
 from components.config import TocoadConfig
-from components.nn_index import build_index, refine_farthest, search
+from components.nn_index import build_index
 from components.patch_features import embed_images, flatten_patches
-from components.scoring import anomaly_map, reweighted_image_score
+from components.scoring import anomaly_map, image_scores, patch_distances
 
 
 @dataclass
@@ -35,6 +35,7 @@ class AnomalyModel:
         index=None,
         calibration: Calibration | None = None,
         device: torch.device | None = None,
+        adaptor: torch.nn.Module | None = None,
     ) -> None:
         self.cfg = cfg
         self.device = device or torch.device("cpu")
@@ -42,6 +43,7 @@ class AnomalyModel:
         self.bank = np.ascontiguousarray(bank, dtype=np.float32)
         self.index = index if index is not None else build_index(self.bank, kind=cfg.bank.index)
         self.calibration = calibration
+        self.adaptor = None if adaptor is None else adaptor.to(self.device).eval()
 
     @property
     def image_size(self) -> int:
@@ -50,26 +52,20 @@ class AnomalyModel:
     @torch.inference_mode()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Patch embeddings ``[B, C, h, w]`` of a [0, 1] RGB batch at the model's image size."""
+        b = self.cfg.bank
         return embed_images(
-            self.extractor, images.to(self.device), self.cfg.bank.aggregation, self.cfg.bank.feature_dim
+            self.extractor, images.to(self.device), b.aggregation, b.feature_dim, self.adaptor
         )
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor, with_maps: bool = True) -> Prediction:
         """Image scores (max patch distance, optionally density-reweighted) and blurred anomaly maps."""
         emb = self.embed(images)
-        b, _, h, w = emb.shape
         queries = flatten_patches(emb).float().cpu().numpy()
-        dist, _ = search(self.index, queries, k=1)
-        nearest = refine_farthest(self.index, queries, dist[:, 0], h * w)  # no-op for exact indexes
-        patch = torch.from_numpy(nearest.reshape(b, h, w).astype(np.float32))
-        if self.cfg.bank.reweight:
-            top = patch.view(b, -1).argmax(dim=1).numpy()
-            worst = queries.reshape(b, h * w, -1)[np.arange(b), top]
-            scores = reweighted_image_score(worst, self.bank, self.index)
-        else:
-            scores = patch.view(b, -1).amax(dim=1).numpy()
+        patch_np = patch_distances(self.index, queries, tuple(emb.shape[-2:]))
+        scores = image_scores(patch_np, queries, self.bank, self.index, self.cfg.bank.reweight)
+        patch = torch.from_numpy(patch_np)
         maps = None
         if with_maps:
             maps = anomaly_map(patch, tuple(images.shape[-2:]), self.cfg.bank.blur_sigma).numpy()
-        return Prediction(np.asarray(scores, dtype=np.float64), maps, patch.numpy())
+        return Prediction(scores, maps, patch_np)

@@ -41,17 +41,20 @@ CPU_CHUNK = 1  # images per backbone call on CPU; see embed_images
 
 
 def embed_images(
-    extractor, images: torch.Tensor, kernel: int = 3, feature_dim: int | None = None
+    extractor, images: torch.Tensor, kernel: int = 3, feature_dim: int | None = None, adaptor=None
 ) -> torch.Tensor:
-    """:func:`patch_embedding` of ``extractor(images)`` ``[B, C, h, w]``; on CPU one image per backbone call.
+    """:func:`patch_embedding` of ``extractor(images)`` ``[B, C, h, w]``, through ``adaptor`` (stage 2's head)
+    when given; on CPU one image per backbone call.
 
     On CPU a batch of 8 in one call took 1.9x longer per image than single images (``bench/backbone_batch.py``,
     bench/RESULTS.md 7.2), so CPU batches run as a loop of CPU_CHUNK images; GPUs take the batch.
     """
     if images.device.type != "cpu" or len(images) <= CPU_CHUNK:
-        return patch_embedding(extractor(images), kernel, feature_dim)
-    parts = [images[i : i + CPU_CHUNK] for i in range(0, len(images), CPU_CHUNK)]
-    return torch.cat([patch_embedding(extractor(x), kernel, feature_dim) for x in parts])
+        emb = patch_embedding(extractor(images), kernel, feature_dim)
+    else:
+        parts = [images[i : i + CPU_CHUNK] for i in range(0, len(images), CPU_CHUNK)]
+        emb = torch.cat([patch_embedding(extractor(x), kernel, feature_dim) for x in parts])
+    return emb if adaptor is None else adaptor(emb)
 
 
 def flatten_patches(emb: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from components.adaptor import PatchAdaptor, flag_patches, train_adaptor
 from components.backbone import FeatureExtractor, create_feature_extractor
 from components.bundle import (
     BundleError,
@@ -39,10 +40,13 @@ from components.datasets import DatasetSplits, Sample, discover, fingerprint, sp
 from components.device import autocast_dtype, precision_name, resolve_device
 from components.discriminator import Discriminator, create_discriminator, train_discriminator
 from components.generator import AnomalyGenerator, GeneratorSettings, make_generator
-from components.memory_bank import extract_embeddings, subsample
+from components.memory_bank import coreset_indices, extract_embeddings
 from components.model import AnomalyModel
 from components.nn_index import build_index, index_from_bytes, index_to_bytes
+from components.out_of_fold import out_of_fold_scores
+from components.patch_features import embed_images
 from components.profile import build_profile, image_statistics
+from components.scoring import anomaly_map
 from components.training import make_loader
 
 STAGES = ("d", "c", "bank")
@@ -60,6 +64,7 @@ class Artifacts:
     disc: Discriminator | None = None
     extractor: FeatureExtractor | None = None
     heads: ProjectionHeads | None = None
+    adaptor: PatchAdaptor | None = None
     bank: np.ndarray | None = None
     index: Any = None
     calibration: Calibration | None = None
@@ -71,7 +76,9 @@ class Artifacts:
         """The servable detector; needs the bank stage."""
         if self.bank is None or self.extractor is None:
             raise BundleError("this bundle has no memory bank yet; run `tocoad train --stage bank` on it")
-        return AnomalyModel(self.cfg, self.extractor, self.bank, self.index, self.calibration, device)
+        return AnomalyModel(
+            self.cfg, self.extractor, self.bank, self.index, self.calibration, device, self.adaptor
+        )
 
 
 def generator_from_config(cfg: TocoadConfig, anomaly_prob: float | None = None) -> AnomalyGenerator:
@@ -129,7 +136,13 @@ def run_stage(name: str, art: Artifacts, data: DatasetSplits, device: torch.devi
             art.metrics.setdefault("precision", {})["d"] = precision
     elif name == "c":
         extractor = create_feature_extractor(**_backbone_args(cfg)).to(device)
-        if cfg.contrastive.enabled and cfg.contrastive.epochs > 0:
+        c = cfg.contrastive
+        if c.enabled and c.mode == "adaptor" and c.adaptor_epochs > 0:
+            disc = art.disc if c.guide else None
+            normal, synthetic, flags = adaptor_inputs(cfg, extractor, disc, train, device)
+            art.adaptor, art.history["c"] = train_adaptor(cfg, normal, synthetic, flags, cfg.runtime.progress)
+            art.adaptor.to(device)
+        elif c.enabled and c.mode == "finetune" and c.epochs > 0:
             loader = data_loader(cfg, train, cfg.contrastive.batch_size, shuffle=True)
             art.metrics.setdefault("precision", {})["c"] = precision
             disc = art.disc if cfg.contrastive.guide else None
@@ -150,60 +163,114 @@ def _backbone_args(cfg: TocoadConfig) -> dict[str, Any]:
     return {"name": b.name, "weights": b.weights, "layers": b.layers, "mean": b.mean, "std": b.std}
 
 
-def build_bank(art: Artifacts, train: list[Sample], holdout: list[Sample], device: torch.device) -> None:
-    """Memory bank, faiss index, calibration and drift profile, in place on ``art``."""
-    cfg = art.cfg
-    loader = data_loader(cfg, train, cfg.runtime.batch_size, shuffle=False)
-    embeddings, _ = extract_embeddings(art.extractor, loader, cfg.bank, device, cfg.runtime.progress)
-    art.bank = subsample(embeddings, cfg.bank, cfg.runtime.seed, cfg.runtime.progress)
-    del embeddings
-    art.index = build_index(art.bank, kind=cfg.bank.index)
-    model = art.model(device)
-    # Without a holdout the training images stand in (their scores are optimistic, so thresholds run low).
-    calib_images = holdout or train
-    normal_scores, nn_dist, synth_scores, synth_maps, synth_masks, normal_maps = [], [], [], [], [], []
-    stats: dict[str, list[np.ndarray]] = {}
+def adaptor_inputs(
+    cfg: TocoadConfig,
+    extractor: FeatureExtractor,
+    disc: Discriminator | None,
+    samples: list[Sample],
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Frozen patch embeddings of ``samples`` ``[N, C, h, w]``, of ``synthetic_per_image`` synthetic anomalies per
+    image ``[M, C, h, w]``, and the synthetic patches flagged as anomalous ``[M, h, w]``: by D's probability above
+    ``d_threshold`` when ``disc`` is given (the negative guide), else by G's mask covering over half a patch."""
+    c = cfg.contrastive
     gen = generator_from_config(cfg, anomaly_prob=1.0)
-    rng = torch.Generator(device=device).manual_seed(cfg.runtime.seed + 2)
-    for batch in data_loader(cfg, calib_images, cfg.runtime.batch_size, shuffle=False):
-        images = batch["image"].to(device)
-        pred = model.predict(images)
+    rng = torch.Generator(device=device).manual_seed(cfg.runtime.seed + 1)
+    normal, synthetic, flags = [], [], []
+    b = cfg.bank
+    with torch.no_grad():
+        for batch in data_loader(cfg, samples, cfg.runtime.batch_size, shuffle=False):
+            images = batch["image"].to(device)
+            normal.append(embed_images(extractor, images, b.aggregation, b.feature_dim).cpu())
+            for _ in range(c.synthetic_per_image):
+                synth = gen(images, rng)
+                emb = embed_images(extractor, synth.image, b.aggregation, b.feature_dim)
+                synthetic.append(emb.cpu())
+                if disc is not None:
+                    prob, level = torch.sigmoid(disc(synth.image).float()), c.d_threshold
+                else:
+                    prob, level = synth.mask, 0.5
+                flags.append(flag_patches(prob, tuple(emb.shape[-2:]), level).cpu())
+    return torch.cat(normal).float(), torch.cat(synthetic).float(), torch.cat(flags)
+
+
+def build_bank(art: Artifacts, train: list[Sample], holdout: list[Sample], device: torch.device) -> None:
+    """Memory bank, faiss index, calibration and drift profile, in place on ``art``.
+
+    The threshold comes from out-of-fold scores of every training image (:mod:`components.out_of_fold`) plus the
+    scores of any held-out images; synthetic anomalies only give its sanity figures.
+    """
+    cfg, progress = art.cfg, art.cfg.runtime.progress
+    loader = data_loader(cfg, train, cfg.runtime.batch_size, shuffle=False)
+    embeddings, grid = extract_embeddings(art.extractor, loader, cfg.bank, device, progress, art.adaptor)
+    rows = coreset_indices(embeddings, cfg.bank, cfg.runtime.seed, progress)
+    art.bank = np.ascontiguousarray(embeddings[rows])
+    art.index = build_index(art.bank, kind=cfg.bank.index)
+    c = cfg.calibration
+    folds = out_of_fold_scores(embeddings, grid, cfg.bank, c.folds, cfg.runtime.seed, rows, progress)
+    del embeddings
+    model = art.model(device)
+    normal_scores, normal_patch = [folds.scores], [folds.patch]
+    for batch in data_loader(cfg, holdout, cfg.runtime.batch_size, shuffle=False) if holdout else ():
+        pred = model.predict(batch["image"].to(device), with_maps=False)
         normal_scores.append(pred.scores)
-        normal_maps.append(pred.maps)
-        nn_dist.append(pred.patch_scores.ravel())
-        for _ in range(cfg.calibration.synthetic_per_image):
-            synth = gen(images, rng)
-            spred = model.predict(synth.image)
-            synth_scores.append(spred.scores)
-            synth_maps.append(spred.maps)
-            synth_masks.append(synth.mask[:, 0].cpu().numpy() > 0.5)
-    # image statistics of every training image (cheap), so the drift and validation bounds are not 10 % estimates
+        normal_patch.append(pred.patch_scores)
+    patch = np.concatenate(normal_patch)
+    size = (cfg.data.image_size, cfg.data.image_size)
+    normal_maps = anomaly_map(torch.from_numpy(patch), size, cfg.bank.blur_sigma)[:, ::4, ::4].numpy()
+    synth_scores, synth_maps, synth_masks = _synthetic_check(cfg, model, train, device)
+    stats: dict[str, list[np.ndarray]] = {}
     for batch in data_loader(cfg, train + holdout, cfg.runtime.batch_size, shuffle=False):
         for key, value in image_statistics(batch["image"]).items():
             stats.setdefault(key, []).append(value)
     normal_scores_a = np.concatenate(normal_scores)
-    synth_scores_a = np.concatenate(synth_scores) if synth_scores else None
-    pixel_kwargs = {}
-    if synth_maps:
-        maps = np.concatenate(synth_maps)
-        masks = np.concatenate(synth_masks)
-        pixel_kwargs = {
-            "normal_pixel_scores": np.concatenate(normal_maps)[:, ::4, ::4].ravel(),
-            "synthetic_pixel_scores": maps[:, ::4, ::4].ravel(),
-            "synthetic_pixel_labels": masks[:, ::4, ::4].ravel(),
-        }
+    pixel_kwargs: dict[str, Any] = {"normal_pixel_scores": normal_maps.ravel()}
+    if synth_maps is not None:
+        pixel_kwargs.update(
+            synthetic_pixel_scores=synth_maps.ravel(), synthetic_pixel_labels=synth_masks.ravel()
+        )
     art.calibration = fit_calibration(
-        normal_scores_a, synth_scores_a, normal_quantile=cfg.calibration.normal_quantile, **pixel_kwargs
+        normal_scores_a,
+        synth_scores,
+        normal_quantile=1.0 - c.false_alarm_rate,
+        pixel_quantile=1.0 - c.pixel_false_alarm_rate,
+        **pixel_kwargs,
     )
     art.profile = build_profile(
-        normal_scores_a, np.concatenate(nn_dist), {k: np.concatenate(v) for k, v in stats.items()}
+        normal_scores_a, patch.ravel(), {k: np.concatenate(v) for k, v in stats.items()}
     )
+    image = art.calibration.image
     art.metrics["calibration"] = {
+        "normal_images": int(len(normal_scores_a)),
+        "folds": int(folds.fold.max() + 1),
         "holdout_images": len(holdout),
-        "synthetic_images": 0 if synth_scores_a is None else len(synth_scores_a),
+        "synthetic_images": 0 if synth_scores is None else len(synth_scores),
         "bank_patches": len(art.bank),
-        "threshold": art.calibration.threshold,
+        "threshold": image.threshold,
+        "method": image.method,
+        "false_alarm_rate": c.false_alarm_rate,
+        "synthetic_recall": image.synthetic_recall,
     }
+
+
+def _synthetic_check(
+    cfg: TocoadConfig, model: AnomalyModel, train: list[Sample], device: torch.device
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """Scores, maps (every 4th pixel) and masks of G's anomalies on a seeded subset of the training images."""
+    count = min(cfg.calibration.synthetic_images, len(train))
+    if count == 0:
+        return None, None, None
+    pick = np.random.default_rng(cfg.runtime.seed + 2).choice(len(train), count, replace=False)
+    gen = generator_from_config(cfg, anomaly_prob=1.0)
+    rng = torch.Generator(device=device).manual_seed(cfg.runtime.seed + 2)
+    scores, maps, masks = [], [], []
+    for batch in data_loader(cfg, [train[i] for i in sorted(pick)], cfg.runtime.batch_size, shuffle=False):
+        synth = gen(batch["image"].to(device), rng)
+        pred = model.predict(synth.image)
+        scores.append(pred.scores)
+        maps.append(pred.maps[:, ::4, ::4])
+        masks.append(synth.mask[:, 0, ::4, ::4].cpu().numpy() > 0.5)
+    return np.concatenate(scores), np.concatenate(maps), np.concatenate(masks)
 
 
 # ---------------------------------------------------------------- saving and loading
@@ -220,6 +287,8 @@ def save_artifacts(art: Artifacts, out_dir: Path, overwrite: bool = False) -> Pa
             save_tensors(tmp / "feature_extractor.safetensors", art.extractor.state_dict())
         if art.heads is not None:
             save_tensors(tmp / "heads.safetensors", art.heads.state_dict())
+        if art.adaptor is not None:
+            save_tensors(tmp / "adaptor.safetensors", art.adaptor.state_dict())
         if art.bank is not None:
             save_tensors(tmp / "memory_bank.safetensors", {"bank": torch.from_numpy(art.bank).half()})
             (tmp / "index.faiss").write_bytes(index_to_bytes(art.index))
@@ -259,6 +328,10 @@ def load_artifacts(bundle_dir: Path, device: torch.device | None = None) -> Arti
             sum(art.extractor.channels), cfg.contrastive.proj_dim, cfg.contrastive.pred_dim
         )
         art.heads.load_state_dict(load_tensors(bundle_dir / "heads.safetensors"))
+    if "adaptor.safetensors" in files:
+        art.adaptor = PatchAdaptor(_embedding_dim(cfg, art.extractor))
+        art.adaptor.load_state_dict(load_tensors(bundle_dir / "adaptor.safetensors"))
+        art.adaptor.eval()
     if "memory_bank.safetensors" in files:
         art.bank = load_tensors(bundle_dir / "memory_bank.safetensors")["bank"].float().numpy()
         art.index = index_from_bytes((bundle_dir / "index.faiss").read_bytes())
@@ -267,10 +340,19 @@ def load_artifacts(bundle_dir: Path, device: torch.device | None = None) -> Arti
     if "profile.json" in files:
         art.profile = _read_json(bundle_dir / "profile.json")
     if device is not None:
-        for module in (art.disc, art.extractor, art.heads):
+        for module in (art.disc, art.extractor, art.heads, art.adaptor):
             if module is not None:
                 module.to(device)
     return art
+
+
+def _embedding_dim(cfg: TocoadConfig, extractor: FeatureExtractor | None) -> int:
+    """Channels of a patch embedding: ``bank.feature_dim`` or the sum of F's two levels."""
+    if cfg.bank.feature_dim is not None:
+        return cfg.bank.feature_dim
+    if extractor is None:
+        raise BundleError("the bundle has an adaptor but no feature extractor")
+    return sum(extractor.channels)
 
 
 def _read_json(path: Path) -> Any:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from components.nn_index import build_index, search
+from components.nn_index import build_index, refine_farthest, search
 
 
 def gaussian_kernel1d(sigma: float, radius: int) -> torch.Tensor:
@@ -90,3 +90,25 @@ def reweighted_image_score(
     top = d.max(axis=1)
     lse = top + np.log(np.exp(d - top[:, None]).sum(axis=1))
     return (1.0 - np.exp(s_star - lse)) * s_star
+
+
+def patch_distances(index: faiss.Index, queries: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Nearest-bank distances ``[B, h, w]`` (float32) of the patches ``queries`` ``[B * h * w, C]``, each image's
+    farthest patches refined on approximate indexes (:func:`components.nn_index.refine_farthest`)."""
+    h, w = grid
+    dist, _ = search(index, queries, k=1)
+    nearest = refine_farthest(index, queries, dist[:, 0], h * w)  # no-op for exact indexes
+    return nearest.reshape(-1, h, w).astype(np.float32)
+
+
+def image_scores(
+    patch: np.ndarray, queries: np.ndarray, bank: np.ndarray, index: faiss.Index, reweight: bool
+) -> np.ndarray:
+    """Image scores ``[B]`` (float64) from patch distances ``[B, h, w]``: the largest, or PatchCore's
+    density-reweighted score of the farthest patch when ``reweight``."""
+    b = len(patch)
+    flat = patch.reshape(b, -1)
+    if not reweight:
+        return flat.max(axis=1).astype(np.float64)
+    worst = queries.reshape(b, flat.shape[1], -1)[np.arange(b), flat.argmax(axis=1)]
+    return np.asarray(reweighted_image_score(worst, bank, index), dtype=np.float64)

@@ -44,6 +44,17 @@ class Plan:
         return self.outputs["bank"]
 
 
+def trains(cfg: TocoadConfig, stage: str) -> bool:
+    """Whether ``stage`` trains a network under ``cfg`` (and so gets a GPU); a switched-off stage only passes its
+    input on, which takes seconds on a CPU node."""
+    if stage == "d":
+        return cfg.stage_d.enabled and cfg.stage_d.epochs > 0
+    if stage == "c":
+        c = cfg.contrastive
+        return c.enabled and (c.adaptor_epochs if c.mode == "adaptor" else c.epochs) > 0
+    return False
+
+
 def plan_training(
     model_name: str,
     dataset: str,
@@ -54,7 +65,8 @@ def plan_training(
     datasets_bucket: str = "datasets",
 ) -> Plan:
     """The three training stages (D, contrastive, memory bank), chained by their cache keys."""
-    cfg_text = TocoadConfig().with_overrides(overrides).to_yaml()
+    cfg = TocoadConfig().with_overrides(overrides)
+    cfg_text = cfg.to_yaml()
     data_uri = f"s3://{datasets_bucket}/{dataset}/{dataset_version}"
     sets = tuple(arg for item in overrides for arg in ("--set", item))
     key, previous, specs, outputs = dataset_sha, None, [], {}
@@ -64,7 +76,7 @@ def plan_training(
         argv = ("train", "--stage", stage, "--data", data_uri, "--out", out, *sets)
         if previous:
             argv += ("--from", previous)
-        specs.append(StageSpec(stage, argv, key, model_name, gpus=1 if stage in ("d", "c") else 0))
+        specs.append(StageSpec(stage, argv, key, model_name, gpus=1 if trains(cfg, stage) else 0))
         outputs[stage], previous = out, out
     return Plan(model_name, models_bucket, data_uri, tuple(specs), outputs)
 

@@ -1,4 +1,4 @@
-"""Threshold calibration from held-out normals and synthetic anomalies."""
+"""Threshold calibration: a quantile of normal scores for a target false-alarm rate; synthetics as a check."""
 
 from __future__ import annotations
 
@@ -13,48 +13,38 @@ RNG = np.random.default_rng(0)
 NORMAL = RNG.normal(1.0, 0.1, 200)
 
 
-def test_overlapping_synthetics():
-    synthetic = RNG.normal(1.35, 0.1, 80)  # overlaps the normal tail
+def test_threshold_is_the_target_quantile_of_normal_scores():
+    cal = fit_calibration(NORMAL, normal_quantile=0.95)
+    assert cal.image.method == "normal_quantile"
+    assert cal.threshold == pytest.approx(np.quantile(NORMAL, 0.95))
+    fresh = np.random.default_rng(1).normal(1.0, 0.1, 20000)
+    assert 0.025 < np.mean(fresh >= cal.threshold) < 0.1  # close to the 5 % target on new normals
+
+
+@pytest.mark.parametrize(
+    "synthetic", [RNG.uniform(3.0, 4.0, 50), RNG.normal(1.05, 0.1, 50), RNG.normal(0.8, 0.1, 9)]
+)
+def test_synthetics_never_move_the_threshold(synthetic):
+    alone = fit_calibration(NORMAL)
     cal = fit_calibration(NORMAL, synthetic)
-    assert np.isfinite(cal.threshold)
-    assert np.median(NORMAL) < cal.threshold < np.median(synthetic)
-    assert np.mean(cal.threshold <= NORMAL) <= 0.011  # never below the 0.99 normal quantile
-    assert cal.image.method in {"f1", "normal_bound"} and 0 < cal.image.f1 <= 1
+    assert cal.threshold == alone.threshold and cal.image.n_synthetic == synthetic.size
+    assert cal.image.synthetic_recall == pytest.approx(np.mean(synthetic >= cal.threshold))
+    assert 0 <= cal.image.f1 <= 1
+    assert alone.image.synthetic_recall is None and alone.image.f1 is None
 
 
-def test_separated_synthetics_cut_in_the_gap():
-    synthetic = RNG.uniform(3.0, 4.0, 50)
-    cal = fit_calibration(NORMAL, synthetic)
-    assert cal.image.method == "separated"
-    gap_mid = (max(NORMAL.max(), cal.image.normal_bound) + synthetic.min()) / 2
-    assert cal.threshold == pytest.approx(gap_mid)
-    assert cal.image.f1 == 1.0
+def test_separated_synthetics_are_all_caught():
+    cal = fit_calibration(NORMAL, RNG.uniform(3.0, 4.0, 50))
+    assert cal.image.synthetic_recall == 1.0
 
 
-@pytest.mark.parametrize("synthetic", [None, np.array([])])
-def test_normal_only_fallback_does_not_flag_everything(synthetic):
-    cal = fit_calibration(NORMAL, synthetic)
-    assert cal.image.method == "normal_only" and cal.image.n_synthetic == 0
-    gaussian = NORMAL.mean() + 2.3263 * NORMAL.std(ddof=1)
-    assert cal.threshold == pytest.approx(max(np.quantile(NORMAL, 0.99), gaussian), rel=1e-4)
-    fresh = np.random.default_rng(1).normal(1.0, 0.1, 5000)
-    assert np.mean(fresh >= cal.threshold) < 0.03
-
-
-def test_few_normals_extrapolate():
+def test_few_normals_use_the_largest():
     few = NORMAL[:5]
-    alone = fit_calibration(few)
-    assert alone.threshold >= few.max()
-    assert alone.threshold == pytest.approx(max(few.max(), few.mean() + 2.3263 * few.std(ddof=1)), rel=1e-4)
-    cal = fit_calibration(few, RNG.normal(2.0, 0.1, 30))
-    assert few.max() < cal.threshold < 1.7
+    cal = fit_calibration(few)
+    assert cal.image.method == "normal_max" and cal.threshold == few.max()
     assert np.isfinite(fit_calibration(few[:1]).threshold)
-
-
-def test_generator_scoring_like_normals_falls_back_to_normal_bound():
-    cal = fit_calibration(NORMAL, RNG.normal(0.8, 0.1, 50))  # synthetics below normals
-    assert cal.image.method == "normal_bound"
-    assert cal.threshold == pytest.approx(fit_calibration(NORMAL).threshold)
+    assert fit_calibration(NORMAL[:99]).image.method == "normal_max"  # q = 0.99 needs 100
+    assert fit_calibration(NORMAL[:100]).image.method == "normal_quantile"
 
 
 def test_normalize_monotonic_clipped_and_threshold_at_half():
@@ -82,7 +72,8 @@ def test_pixel_calibration_and_dict_round_trip():
         synthetic_pixel_scores=syn_px,
         synthetic_pixel_labels=syn_labels,
     )
-    assert np.quantile(normal_px, 0.99) < cal.pixel_threshold < np.median(syn_px[syn_labels])
+    assert cal.pixel_threshold == pytest.approx(np.quantile(normal_px, 0.999), rel=1e-6)
+    assert cal.pixel.synthetic_recall > 0.9
     assert cal.normalize_pixels(cal.pixel_threshold) == pytest.approx(0.5)
     assert cal.pixel_min < cal.pixel_threshold < cal.pixel_max
     back = Calibration.from_dict(json.loads(json.dumps(cal.to_dict(), allow_nan=False)))

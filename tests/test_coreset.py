@@ -143,3 +143,20 @@ def test_feature_shape_validation():
         greedy_coreset(np.zeros((0, 4), np.float32), n=2)
     with pytest.raises(TypeError, match="torch.Tensor or np.ndarray"):
         greedy_coreset([[0.0, 1.0]], n=1)
+
+
+def test_continuing_from_initial_centres():
+    x = np.random.default_rng(5).normal(size=(400, 12)).astype(np.float32)
+    full = greedy_coreset(x, n=40, start=7)
+    # continuing from the first m centres of a run gives exactly that run's remaining centres
+    for m in (2, 15, 39):
+        assert np.array_equal(greedy_coreset(x, n=40, initial=full[:m]), full)
+    # centres that survive a removal come first, the greedy fills the rest with the farthest points
+    kept = full[full % 2 == 0][:10]
+    out = greedy_coreset(x, n=40, initial=kept)
+    assert np.array_equal(out[:10], kept) and len(set(out.tolist())) == 40
+    assert covering_radius(x, out) <= covering_radius(x, kept)
+    assert np.array_equal(greedy_coreset(x, n=40, initial=full), full)  # nothing left to choose
+    for bad in ([1, 1], [400], list(range(41))):
+        with pytest.raises(ValueError, match="initial"):
+            greedy_coreset(x, n=40, initial=np.array(bad))

@@ -896,3 +896,19 @@ def test_template_copy_is_not_mutated_by_rendering():
     before = copy.deepcopy(template)
     render_flow_run_job(template, {"gpu_count": "1"}, _flow_run()[0])
     assert template == before
+
+
+@pytest.mark.parametrize(
+    ("overrides", "gpus"),
+    [
+        ([], {"d": 1, "c": 1, "bank": 0}),
+        (["stage_d.enabled=false", "contrastive.mode=adaptor"], {"d": 0, "c": 1, "bank": 0}),
+        (["stage_d.epochs=0", "contrastive.enabled=false"], {"d": 0, "c": 0, "bank": 0}),
+        (["contrastive.mode=adaptor", "contrastive.adaptor_epochs=0"], {"d": 1, "c": 0, "bank": 0}),
+    ],
+)
+def test_only_stages_that_train_get_a_gpu(overrides, gpus):
+    from flows.stages import plan_training
+
+    plan = plan_training("bottle", "bottle", "v1", "sha", overrides)
+    assert {spec.stage: spec.gpus for spec in plan.stages} == gpus

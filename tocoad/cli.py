@@ -62,7 +62,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             publish(out, args.out)
         print(f"bundle: {args.out or '(temporary)'}  (stages: {', '.join(art.stages)}; seconds: {seconds})")
         if art.calibration is not None:
-            print(f"threshold: {art.calibration.threshold:.4f}")
+            cal = art.metrics.get("calibration", {})
+            sanity = art.calibration.image.synthetic_recall
+            print(
+                f"threshold: {art.calibration.threshold:.4f} (target false-alarm rate "
+                f"{art.cfg.calibration.false_alarm_rate:g}, from {cal.get('normal_images', '?')} out-of-fold normal "
+                f"scores, {cal.get('method', '?')})"
+                + ("" if sanity is None else f"; synthetic anomalies caught: {100 * sanity:.0f} %")
+            )
         if args.to_registry:
             print(f"registered candidate: {register_trained(out, args.to_registry, args.keep)}")
     return 0

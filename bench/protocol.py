@@ -1,0 +1,257 @@
+"""The seed-paired accuracy protocol: variants of stage 2 against frozen F, over training and coreset seeds.
+
+    python bench/protocol.py --data ../shared/data/mvtec_ad/bottle --out runs/protocol/bottle   # one set
+    python bench/protocol.py --all ../shared/data --out runs/protocol                          # the four sets
+    python bench/protocol_report.py runs/protocol/*/results.json                                # table + plot
+
+What it runs, per data set:
+
+1. F's frozen patch embeddings of every training and test image, once (cached in ``<out>/cache``).
+2. For each variant and training seed: stage 2 as ``tocoad train`` would run it with that seed (the adaptor trains
+   from the cached embeddings plus G's synthetic images of that seed; ``finetune`` variants fine-tune F's blocks
+   and re-embed the images). ``frozen`` has nothing to train: it is the same for every training seed.
+3. For each coreset seed: the bank (the product's coreset rule), the test scores and maps, and the threshold from
+   out-of-fold scores of the training images (the product's calibration), so every cell costs one bank build plus
+   ``calibration.folds`` fold banks.
+
+Pairing: variant (training seed t, coreset seed k) is compared with frozen (coreset seed k). Tiers:
+
+* ``screen`` -- 3 training seeds x 3 coreset seeds, the variant's settings as given (the adaptor trains in
+  minutes); the threshold is fitted for coreset seed 0 only. About an hour for two variants on four sets.
+* ``full`` -- the same seeds, thresholds for every coreset seed.
+
+Writes ``<out>/results.json`` after every cell, and continues an interrupted run from it. Thresholds and every
+setting come from training images and synthetic anomalies; test labels are only read to compute the metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from components.backbone import create_feature_extractor
+from components.config import TocoadConfig
+from components.datasets import discover
+from components.evaluate import detection_metrics
+from components.memory_bank import coreset_indices
+from components.nn_index import build_index
+from components.out_of_fold import out_of_fold_scores
+from components.patch_features import embed_images
+from components.pipeline import (
+    _backbone_args,
+    adaptor_inputs,
+    data_loader,
+    generator_from_config,
+    training_split,
+)
+from components.scoring import anomaly_map, image_scores, patch_distances
+
+SETS = {
+    "bottle": "mvtec_ad/bottle",
+    "tire": "mvtec_3d_rgb/tire",
+    "screw": "mvtec_ad/screw",
+    "capsules": "visa/capsules",
+}
+
+# name -> (description, config overrides). "frozen" is the baseline every other variant is paired with.
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "frozen": ("frozen-F PatchCore (stage 2 off)", ["contrastive.enabled=false"]),
+    "adaptor": (
+        "adaptor head, compactness + margin, G's mask flags",
+        ["contrastive.mode=adaptor", "contrastive.guide=false"],
+    ),
+    "adaptor_compact": (
+        "adaptor head, compactness only",
+        ["contrastive.mode=adaptor", "contrastive.guide=false", "contrastive.margin_weight=0"],
+    ),
+    "adaptor_d": ("adaptor head, compactness + margin, D's flags (the guide)", ["contrastive.mode=adaptor"]),
+    "finetune": ("fine-tuned F blocks (SimSiam, guide, proximity)", ["contrastive.mode=finetune"]),
+    "finetune_geom": (
+        "fine-tuned F blocks, geometric views only",
+        ["contrastive.mode=finetune", "contrastive.photometric=false"],
+    ),
+    "coreset5": ("frozen F, 5 % coreset", ["contrastive.enabled=false", "bank.coreset_ratio=0.05"]),
+    "coreset10": ("frozen F, 10 % coreset", ["contrastive.enabled=false", "bank.coreset_ratio=0.1"]),
+}
+
+
+def embed_all(cfg: TocoadConfig, extractor, samples, adaptor=None) -> torch.Tensor:
+    """Patch embeddings ``[N, C, h, w]`` of ``samples`` (float32, CPU)."""
+    b = cfg.bank
+    out = []
+    with torch.no_grad():
+        for batch in data_loader(cfg, samples, cfg.runtime.batch_size, shuffle=False):
+            out.append(embed_images(extractor, batch["image"], b.aggregation, b.feature_dim, adaptor).float())
+    return torch.cat(out)
+
+
+def load_test(cfg: TocoadConfig, samples) -> dict[str, np.ndarray]:
+    labels, masks = [], []
+    for batch in data_loader(cfg, samples, cfg.runtime.batch_size, shuffle=False):
+        labels.extend(int(v) for v in batch["label"])
+        masks.append(batch["mask"][:, 0].numpy() > 0.5)
+    return {"labels": np.asarray(labels), "masks": np.concatenate(masks)}
+
+
+def _flat(maps: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1]).numpy())
+
+
+def score_cell(
+    cfg: TocoadConfig, train_emb: torch.Tensor, test_emb: torch.Tensor, test: dict, seed: int, threshold: bool
+) -> dict:
+    """Bank from ``train_emb`` with coreset seed ``seed``, metrics on the test set, and (if asked) the threshold."""
+    grid = tuple(train_emb.shape[-2:])
+    flat = _flat(train_emb)
+    start = time.perf_counter()
+    rows = coreset_indices(flat, cfg.bank, seed, progress=False)
+    bank = np.ascontiguousarray(flat[rows])
+    index = build_index(bank, kind=cfg.bank.index)
+    bank_s = time.perf_counter() - start
+    queries = _flat(test_emb)
+    start = time.perf_counter()
+    patch = patch_distances(index, queries, grid)
+    scores = image_scores(patch, queries, bank, index, cfg.bank.reweight)
+    query_ms = 1000 * (time.perf_counter() - start) / len(test_emb)
+    size = (cfg.data.image_size, cfg.data.image_size)
+    maps = anomaly_map(torch.from_numpy(patch), size, cfg.bank.blur_sigma).numpy()
+    thr = None
+    if threshold:
+        folds = out_of_fold_scores(flat, grid, cfg.bank, cfg.calibration.folds, seed, rows, progress=False)
+        thr = float(np.quantile(folds.scores, 1.0 - cfg.calibration.false_alarm_rate))
+    rate = cfg.calibration.false_alarm_rate if threshold else None
+    metrics = detection_metrics(test["labels"], scores, test["masks"], maps, thr, rate)
+    return {
+        "metrics": metrics,
+        "threshold": thr,
+        "bank_patches": len(bank),
+        "bank_s": bank_s,
+        "query_ms": query_ms,
+    }
+
+
+def train_variant(
+    cfg: TocoadConfig, data, frozen, train_emb: torch.Tensor, test_emb: torch.Tensor, test_samples
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(train embeddings, test embeddings, seconds) of the variant's stage 2 for ``cfg.runtime.seed``."""
+    c = cfg.contrastive
+    start = time.perf_counter()
+    device = torch.device("cpu")
+    train, _ = training_split(cfg, data)
+    disc = None
+    if c.guide and cfg.stage_d.enabled:
+        from components.discriminator import train_discriminator
+
+        loader = data_loader(cfg, train, cfg.stage_d.batch_size, shuffle=True)
+        torch.manual_seed(cfg.runtime.seed)
+        disc, _ = train_discriminator(cfg, loader, generator_from_config(cfg), device)
+    torch.manual_seed(cfg.runtime.seed)
+    if c.mode == "adaptor":
+        from components.adaptor import train_adaptor
+
+        _, synthetic, flags = adaptor_inputs(cfg, frozen, disc, train, device)
+        head, _ = train_adaptor(cfg, train_emb, synthetic, flags, progress=False)
+        with torch.no_grad():
+            return head(train_emb), head(test_emb), time.perf_counter() - start
+    from components.contrastive import train_contrastive
+
+    extractor = create_feature_extractor(**_backbone_args(cfg))
+    loader = data_loader(cfg, train, c.batch_size, shuffle=True)
+    extractor, _, _ = train_contrastive(cfg, extractor, disc, loader, generator_from_config(cfg), device)
+    seconds = time.perf_counter() - start
+    return embed_all(cfg, extractor, train), embed_all(cfg, extractor, test_samples), seconds
+
+
+def run_set(
+    data_root: Path,
+    out: Path,
+    variants: list[str],
+    train_seeds: list[int],
+    coreset_seeds: list[int],
+    tier: str,
+    base: list[str],
+) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {"data": str(data_root), "cells": {}}
+    results.update(tier=tier, torch_threads=torch.get_num_threads())
+    cfg0 = TocoadConfig().with_overrides(base)
+    data = discover(data_root, cfg0.data.layout)
+    train, _ = training_split(cfg0, data)
+    frozen = create_feature_extractor(**_backbone_args(cfg0))
+    cache = out / "cache.pt"
+    if cache.is_file():
+        stored = torch.load(cache, weights_only=True)
+        train_emb, test_emb = stored["train"], stored["test"]
+    else:
+        train_emb, test_emb = embed_all(cfg0, frozen, train), embed_all(cfg0, frozen, data.test)
+        torch.save({"train": train_emb, "test": test_emb}, cache)
+    test = load_test(cfg0, data.test)
+    for name in variants:
+        desc, overrides = VARIANTS[name]
+        trains = [0] if name.startswith(("frozen", "coreset")) else train_seeds
+        for t in trains:
+            cfg = TocoadConfig().with_overrides(base + overrides + [f"runtime.seed={t}"])
+            if all(f"{name}/{t}/{k}" in results["cells"] for k in coreset_seeds):
+                continue
+            if cfg.contrastive.enabled:
+                tr, te, train_s = train_variant(cfg, data, frozen, train_emb, test_emb, data.test)
+            else:
+                tr, te, train_s = train_emb, test_emb, 0.0
+            for k in coreset_seeds:
+                key = f"{name}/{t}/{k}"
+                if key in results["cells"]:
+                    continue
+                cell = score_cell(cfg, tr, te, test, k, threshold=tier == "full" or k == coreset_seeds[0])
+                cell.update(variant=name, description=desc, train_seed=t, coreset_seed=k, train_s=train_s)
+                results["cells"][key] = cell
+                path.write_text(json.dumps(results, indent=2))
+                m = cell["metrics"]
+                print(
+                    f"{data_root.name} {key}: image {m.get('image_auroc', float('nan')):.2f} "
+                    f"pixel {m.get('pixel_auroc', float('nan')):.2f} aupro {m.get('aupro', float('nan')):.2f} "
+                    f"recall@thr {m.get('recall_at_threshold', float('nan')):.1f} "
+                    f"fa@thr {m.get('false_positive_rate_at_threshold', float('nan')):.1f} train {train_s:.0f}s",
+                    flush=True,
+                )
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--data", type=Path, help="one data set in the MVTec layout")
+    where.add_argument("--all", type=Path, metavar="SHARED", help="the folder holding the four sets")
+    p.add_argument("--sets", default=",".join(SETS), help="with --all: which of " + ",".join(SETS))
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--variants", default="frozen,adaptor", help="comma-separated, from " + ",".join(VARIANTS))
+    p.add_argument("--train-seeds", default="0,1,2")
+    p.add_argument("--coreset-seeds", default="0,1,2")
+    p.add_argument("--tier", choices=("screen", "full"), default="screen")
+    p.add_argument("--set", action="append", default=[], help="extra config override for every variant")
+    args = p.parse_args()
+    seeds = [int(s) for s in args.train_seeds.split(",")], [int(s) for s in args.coreset_seeds.split(",")]
+    variants = args.variants.split(",")
+    if "frozen" not in variants:
+        variants.insert(0, "frozen")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    base = args.set + ["runtime.progress=false", "runtime.num_workers=0"]
+    if args.data:
+        jobs = [(args.data, args.out)]
+    else:
+        jobs = [(args.all / SETS[name], args.out / name) for name in args.sets.split(",")]
+    for data_root, out in jobs:
+        if not data_root.is_dir():
+            p.error(f"{data_root} does not exist")
+        run_set(data_root, out, variants, *seeds, args.tier, base)
+
+
+if __name__ == "__main__":
+    main()
