@@ -1,0 +1,70 @@
+"""bench/protocol.py and bench/protocol_report.py on tiny settings: seed pairing, resumption, verdicts."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from conftest import REPO, TINY
+
+sys.path.insert(0, str(REPO / "bench"))
+
+import protocol  # noqa: E402
+import protocol_report  # noqa: E402
+
+
+def test_protocol_pairs_seeds_resumes_and_reports(serve_data, tmp_path, capsys):
+    base = [*TINY, "contrastive.adaptor_epochs=1", "contrastive.synthetic_per_image=1", "calibration.folds=3"]
+    out = tmp_path / "demo"
+    results = protocol.run_set(serve_data, out, ["frozen", "adaptor"], [0, 1], [0, 1], "screen", base)
+    cells = results["cells"]
+    assert sorted(cells) == [
+        "adaptor/0/0",
+        "adaptor/0/1",
+        "adaptor/1/0",
+        "adaptor/1/1",
+        "frozen/0/0",
+        "frozen/0/1",
+    ]
+    assert (
+        cells["frozen/0/0"]["threshold"] is not None and cells["frozen/0/1"]["threshold"] is None
+    )  # screen tier
+    assert "recall_at_threshold" in cells["adaptor/1/0"]["metrics"]
+    # the two training seeds train two different heads; the frozen baseline does not depend on them
+    assert cells["adaptor/0/0"]["metrics"] != cells["adaptor/1/0"]["metrics"]
+    # a second run finds every cell done and trains nothing
+    again = protocol.run_set(serve_data, out, ["frozen", "adaptor"], [0, 1], [0, 1], "screen", base)
+    assert again["cells"] == json.loads((out / "results.json").read_text())["cells"]
+
+    summary = protocol_report.summarise(results)
+    frozen = {k: c["metrics"]["image_auroc"] for k, c in cells.items() if k.startswith("frozen")}
+    adaptor = {k: c["metrics"]["image_auroc"] for k, c in cells.items() if k.startswith("adaptor")}
+    pairs = [adaptor[f"adaptor/{t}/{k}"] - frozen[f"frozen/0/{k}"] for t in (0, 1) for k in (0, 1)]
+    entry = summary["adaptor"]["image_auroc"]
+    assert abs(entry["delta"] - sum(pairs) / 4) < 1e-9 and entry["n"] == 4
+    assert entry["verdict"] in {"gain", "loss", "no difference"}
+    assert "delta" not in summary["frozen"]["image_auroc"]
+    table = protocol_report.markdown({"demo": summary})
+    assert "| demo | adaptor |" in table and entry["verdict"] in table
+    protocol_report.plot({"demo": summary}, tmp_path / "deltas.png")
+    assert (tmp_path / "deltas.png").stat().st_size > 1000
+
+
+def test_verdict_rule():
+    def cells(values, variant, train_seed=0):
+        return {
+            f"{variant}/{train_seed}/{k}": {
+                "variant": variant, "description": variant, "train_seed": train_seed, "coreset_seed": k,
+                "train_s": 0.0, "query_ms": 1.0, "bank_patches": 10, "metrics": {"image_auroc": v},
+            }
+            for k, v in enumerate(values)
+        }  # fmt: skip
+
+    frozen = cells([80.0, 82.0, 84.0], "frozen")  # sd 2: a gain needs a mean paired delta above 4
+    verdicts = {}
+    for name, shift in (("up", 4.5), ("same", 3.9), ("down", -4.5)):
+        variant = cells([80.0 + shift, 82.0 + shift, 84.0 + shift], name)
+        verdicts[name] = protocol_report.summarise({"cells": {**frozen, **variant}})[name]["image_auroc"][
+            "verdict"
+        ]
+    assert verdicts == {"up": "gain", "same": "no difference", "down": "loss"}
