@@ -49,3 +49,20 @@ def test_runtime_precision_default_and_choices():
         assert TocoadConfig().with_overrides([f"runtime.precision={value}"]).runtime.precision == value
     with pytest.raises(ConfigError, match=r"runtime\.precision"):
         TocoadConfig.from_dict({"runtime": {"precision": "fp64"}})
+
+
+def test_retired_calibration_settings_of_older_bundles_still_load():
+    old = {
+        "calibration": {"synthetic_per_image": 2, "normal_quantile": 0.98},
+        "data": {"holdout_fraction": 0.1},
+    }
+    cfg = TocoadConfig.from_dict(old)
+    assert cfg.calibration.false_alarm_rate == pytest.approx(0.02) and cfg.data.holdout_fraction == 0.1
+    both = {"calibration": {"normal_quantile": 0.98, "false_alarm_rate": 0.05}}
+    assert TocoadConfig.from_dict(both).calibration.false_alarm_rate == 0.05  # the new key wins
+    assert old == {
+        "calibration": {"synthetic_per_image": 2, "normal_quantile": 0.98},
+        "data": {"holdout_fraction": 0.1},
+    }
+    with pytest.raises(ConfigError, match="unknown setting"):
+        TocoadConfig.from_dict({"calibration": {"normal_quantlie": 0.98}})
