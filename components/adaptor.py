@@ -90,6 +90,7 @@ def train_adaptor(
     head = PatchAdaptor(dim)
     opt = torch.optim.AdamW(head.parameters(), lr=c.head_lr, weight_decay=1e-4)
     batch = min(c.batch_size, n)
+    per_image = min(c.adaptor_patches, h * w)
     steps_per_epoch = max(1, n // batch)
 
     class Batches:
@@ -114,8 +115,11 @@ def train_adaptor(
         idx = b["image"]
         memory = _patches(head(_as_maps(memory_rows)))  # the memory follows the head, with gradient
         spread = (memory[pairs[0]] - memory[pairs[1]]).norm(dim=1).mean().clamp(min=1e-6)
+        # a random sample of each image's patches: the cost is the distance matrix to the memory
+        take = torch.rand(len(idx), h * w, generator=gen).argsort(dim=1)[:, :per_image]
+        rows = (idx[:, None] * (h * w) + take).reshape(-1)
         d_normal = nearest_memory_distance(
-            _patches(head(normal[idx])), memory, idx.repeat_interleave(h * w), memory_ids
+            _patches(head(_as_maps(flat[rows]))), memory, image_of[rows], memory_ids
         )
         out = {"compact": compactness_loss(d_normal, spread)}
         total = c.compact_weight * out["compact"]

@@ -170,8 +170,14 @@ class ContrastiveConfig(_Section):
         0.99, gt=0, lt=1, description="Quantile of normal nearest-memory distances the margin starts from."
     )
     adaptor_epochs: int = Field(20, ge=0, description="adaptor: passes over the training images.")
+    adaptor_patches: int = Field(
+        256,
+        ge=1,
+        description="adaptor: normal patches sampled per image and step (of 1,024 at 256 px); the step's cost is "
+        "their distance matrix to the memory.",
+    )
     synthetic_per_image: int = Field(
-        2, ge=1, le=8, description="adaptor: synthetic-anomaly images made (once) per training image."
+        1, ge=1, le=8, description="adaptor: synthetic-anomaly images made (once) per training image."
     )
 
 
