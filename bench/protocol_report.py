@@ -26,6 +26,19 @@ def _sd(values: list[float]) -> float:
     return stdev(values) if len(values) > 1 else 0.0
 
 
+def threshold_verdict(metrics: dict, rate: float = 0.01) -> str | None:
+    """Issue 11's target for the calibrated threshold, or None without one: false alarms on the good test images
+    within 2x the target rate (or within 2 images of it), and recall at least 80 % of the test ROC's recall at the
+    target rate."""
+    if "recall_at_threshold" not in metrics or "roc_recall_at_target" not in metrics:
+        return None
+    fa, fpr = metrics["false_alarms_at_threshold"], metrics["false_positive_rate_at_threshold"]
+    n_good = round(100.0 * fa / fpr) if fpr > 0 else None
+    fa_ok = n_good is None or fa <= max(2 * rate * n_good, rate * n_good + 2)
+    recall_ok = metrics["recall_at_threshold"] >= 0.8 * metrics["roc_recall_at_target"]
+    return "met" if fa_ok and recall_ok else "false alarms" if not fa_ok else "recall"
+
+
 def summarise(results: dict) -> dict:
     """{variant: {metric: {mean, sd, delta, delta_sd, verdict, n}}} for one set."""
     cells = list(results["cells"].values())
@@ -36,6 +49,8 @@ def summarise(results: dict) -> dict:
         row: dict = {"description": mine[0]["description"], "train_s": fmean(c["train_s"] for c in mine)}
         row["query_ms"] = fmean(c["query_ms"] for c in mine)
         row["bank_patches"] = fmean(c["bank_patches"] for c in mine)
+        checks = [threshold_verdict(c["metrics"]) for c in mine]
+        row["threshold_target"] = ", ".join(sorted({v for v in checks if v})) or "–"
         for key, _ in METRICS + RATES:
             values = [c["metrics"][key] for c in mine if key in c["metrics"]]
             if not values:
@@ -60,8 +75,8 @@ def summarise(results: dict) -> dict:
 def markdown(summaries: dict[str, dict]) -> str:
     lines = [
         "| set | variant | image AUROC | pixel AUROC | AUPRO | recall@thr | ROC recall@target | false alarms@thr "
-        "| stage 2 s | cells |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| threshold target | stage 2 s | cells |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, summary in summaries.items():
         for variant, row in summary.items():
@@ -79,7 +94,11 @@ def markdown(summaries: dict[str, dict]) -> str:
                 e = row.get(key)
                 cols.append("–" if e is None else f"{e['mean']:.1f}")
             n = row.get("image_auroc", {}).get("n", 0)
-            lines.append(f"| {name} | {variant} | " + " | ".join(cols) + f" | {row['train_s']:.0f} | {n} |")
+            lines.append(
+                f"| {name} | {variant} | "
+                + " | ".join(cols)
+                + f" | {row['threshold_target']} | {row['train_s']:.0f} | {n} |"
+            )
     return "\n".join(lines)
 
 

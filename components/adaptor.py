@@ -37,18 +37,22 @@ from components.training import run_epochs
 
 
 class PatchAdaptor(nn.Module):
-    """A residual 1x1-convolution MLP on patch embeddings ``[B, C, h, w]``; the identity at initialisation."""
+    """A residual 1x1-convolution head on patch embeddings ``[B, C, h, w]``; the identity at initialisation.
 
-    def __init__(self, dim: int, hidden: int | None = None) -> None:
+    ``linear``: ``x + W x``, a learnt linear metric (it cannot fold an anomaly onto the normal memory); else the MLP
+    ``x + W2 relu(W1 x)``.
+    """
+
+    def __init__(self, dim: int, linear: bool = False) -> None:
         super().__init__()
-        hidden = hidden or dim
-        self.fc1 = nn.Conv2d(dim, hidden, 1)
-        self.fc2 = nn.Conv2d(hidden, dim, 1)
+        self.linear = linear
+        self.fc1 = nn.Identity() if linear else nn.Conv2d(dim, dim, 1)
+        self.fc2 = nn.Conv2d(dim, dim, 1)
         nn.init.zeros_(self.fc2.weight)
         nn.init.zeros_(self.fc2.bias)
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        return emb + self.fc2(F.relu(self.fc1(emb)))
+        return emb + self.fc2(emb if self.linear else F.relu(self.fc1(emb)))
 
 
 def flag_patches(prob: torch.Tensor, grid: tuple[int, int], threshold: float = 0.5) -> torch.Tensor:
@@ -87,7 +91,7 @@ def train_adaptor(
     memory_ids = image_of[memory_idx]
     memory_rows = flat[memory_idx]
     pairs = torch.randint(len(memory_idx), (2, min(4096, len(memory_idx) ** 2)), generator=gen)
-    head = PatchAdaptor(dim)
+    head = PatchAdaptor(dim, linear=c.adaptor_linear)
     opt = torch.optim.AdamW(head.parameters(), lr=c.head_lr, weight_decay=1e-4)
     batch = min(c.batch_size, n)
     per_image = min(c.adaptor_patches, h * w)
@@ -123,6 +127,12 @@ def train_adaptor(
         )
         out = {"compact": compactness_loss(d_normal, spread)}
         total = c.compact_weight * out["compact"]
+        if (
+            c.distill_weight > 0
+        ):  # the forgetting guard: stay near the pretrained features, relative to the spread
+            moved = memory - memory_rows
+            out["distill"] = moved.norm(dim=1).mean() / spread
+            total = total + c.distill_weight * out["distill"]
         if b["synthetic"] is not None and c.margin_weight > 0:
             s_idx = b["synthetic"]
             mask = flags[s_idx].reshape(-1)

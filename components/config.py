@@ -142,7 +142,10 @@ class ContrastiveConfig(_Section):
         0.5, gt=0, lt=1, description="D probability above which a location counts anomalous."
     )
     distill_weight: float = Field(
-        1.0, ge=0, description="Weight of the proximity term to the frozen pretrained F."
+        1.0,
+        ge=0,
+        description="Weight of the proximity term to the frozen pretrained F (adaptor: mean moved distance of "
+        "the memory over its spread).",
     )
     photometric: bool = Field(
         True,
@@ -170,6 +173,9 @@ class ContrastiveConfig(_Section):
         0.99, gt=0, lt=1, description="Quantile of normal nearest-memory distances the margin starts from."
     )
     adaptor_epochs: int = Field(20, ge=0, description="adaptor: passes over the training images.")
+    adaptor_linear: bool = Field(
+        False, description="adaptor: a linear residual head x + Wx (a learnt metric) instead of the 1x1 MLP."
+    )
     adaptor_patches: int = Field(
         256,
         ge=1,

@@ -329,7 +329,7 @@ def load_artifacts(bundle_dir: Path, device: torch.device | None = None) -> Arti
         )
         art.heads.load_state_dict(load_tensors(bundle_dir / "heads.safetensors"))
     if "adaptor.safetensors" in files:
-        art.adaptor = PatchAdaptor(_embedding_dim(cfg, art.extractor))
+        art.adaptor = PatchAdaptor(_embedding_dim(cfg, art.extractor), linear=cfg.contrastive.adaptor_linear)
         art.adaptor.load_state_dict(load_tensors(bundle_dir / "adaptor.safetensors"))
         art.adaptor.eval()
     if "memory_bank.safetensors" in files:

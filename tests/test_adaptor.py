@@ -46,7 +46,10 @@ def test_margin_pushes_only_flagged_patches_inside_the_margin():
 
 def test_adaptor_starts_as_identity_and_flags_follow_the_mask():
     emb = torch.randn(2, 6, 4, 4)
-    assert torch.equal(PatchAdaptor(6)(emb), emb)
+    assert torch.equal(PatchAdaptor(6)(emb), emb) and torch.equal(PatchAdaptor(6, linear=True)(emb), emb)
+    linear = PatchAdaptor(6, linear=True)
+    torch.nn.init.normal_(linear.fc2.weight)
+    assert torch.allclose(linear(2 * emb), 2 * linear(emb) - linear.fc2.bias.view(1, -1, 1, 1), atol=1e-5)
     mask = torch.zeros(1, 1, 16, 16)
     mask[..., :8, :8] = 1
     flags = flag_patches(mask, (4, 4))

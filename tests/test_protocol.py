@@ -68,3 +68,16 @@ def test_verdict_rule():
             "verdict"
         ]
     assert verdicts == {"up": "gain", "same": "no difference", "down": "loss"}
+
+
+def test_threshold_target():
+    def m(fa, fpr, recall, roc):
+        return {"false_alarms_at_threshold": fa, "false_positive_rate_at_threshold": fpr,
+                "recall_at_threshold": recall, "roc_recall_at_target": roc}  # fmt: skip
+
+    verdict = protocol_report.threshold_verdict
+    assert verdict(m(0, 0.0, 30.0, 36.0)) == "met"  # 30 >= 0.8 * 36
+    assert verdict(m(0, 0.0, 16.8, 36.1)) == "recall"
+    assert verdict(m(2, 5.0, 90.0, 90.0)) == "met"  # 40 good parts: 2 images is within 0.4 + 2
+    assert verdict(m(3, 7.5, 90.0, 90.0)) == "false alarms"
+    assert verdict({"image_auroc": 90.0}) is None
