@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from components.backbone import create_feature_extractor
+from components.calibration import fit_level
 from components.config import TocoadConfig
 from components.datasets import discover
 from components.evaluate import detection_metrics
@@ -123,7 +124,8 @@ def score_cell(
     thr = None
     if threshold:
         folds = out_of_fold_scores(flat, grid, cfg.bank, cfg.calibration.folds, seed, rows, progress=False)
-        thr = float(np.quantile(folds.scores, 1.0 - cfg.calibration.false_alarm_rate))
+        c = cfg.calibration
+        thr = fit_level(folds.scores, quantile=1.0 - c.false_alarm_rate, fence=c.outlier_iqr).threshold
     rate = cfg.calibration.false_alarm_rate if threshold else None
     metrics = detection_metrics(test["labels"], scores, test["masks"], maps, thr, rate)
     return {

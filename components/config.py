@@ -223,6 +223,12 @@ class CalibrationConfig(_Section):
     pixel_false_alarm_rate: float = Field(
         0.001, gt=0, lt=0.5, description="The same for pixels of good parts (segmentation masks and boxes)."
     )
+    outlier_iqr: float = Field(
+        3.0,
+        ge=0,
+        description="Training images scoring beyond Q3 + this x IQR of the out-of-fold scores (Tukey's far-out "
+        "fence) are left out of the quantile and listed for inspection; 0 = keep all.",
+    )
     folds: int = Field(
         5,
         ge=2,

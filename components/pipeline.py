@@ -33,7 +33,7 @@ from components.bundle import (
     write_bundle,
     write_json,
 )
-from components.calibration import Calibration, fit_calibration
+from components.calibration import Calibration, fit_calibration, outlier_fence
 from components.config import TocoadConfig
 from components.contrastive import ProjectionHeads, train_contrastive
 from components.datasets import DatasetSplits, Sample, discover, fingerprint, split_holdout
@@ -234,6 +234,7 @@ def build_bank(art: Artifacts, train: list[Sample], holdout: list[Sample], devic
         synth_scores,
         normal_quantile=1.0 - c.false_alarm_rate,
         pixel_quantile=1.0 - c.pixel_false_alarm_rate,
+        outlier_iqr=c.outlier_iqr,
         **pixel_kwargs,
     )
     art.profile = build_profile(
@@ -250,7 +251,15 @@ def build_bank(art: Artifacts, train: list[Sample], holdout: list[Sample], devic
         "method": image.method,
         "false_alarm_rate": c.false_alarm_rate,
         "synthetic_recall": image.synthetic_recall,
+        "atypical_images": _atypical(normal_scores_a, train + holdout, c.outlier_iqr),
     }
+
+
+def _atypical(scores: np.ndarray, samples: list[Sample], k: float, most: int = 20) -> list[dict[str, Any]]:
+    """The training images beyond the far-out fence, highest score first (at most ``most``): worth a look."""
+    fence = outlier_fence(scores, k)
+    order = [i for i in np.argsort(-scores) if scores[i] > fence][:most]
+    return [{"path": str(samples[i].path), "score": float(scores[i])} for i in order]
 
 
 def _synthetic_check(

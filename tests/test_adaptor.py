@@ -146,6 +146,7 @@ def test_adaptor_stage_saves_reloads_and_calibrates_out_of_fold(serve_data, tmp_
     calib = art.metrics["calibration"]
     assert calib["normal_images"] == 30 and calib["folds"] == 5 and calib["synthetic_images"] == 4
     assert calib["method"] == "normal_max"  # 30 images cannot estimate a 1 % quantile
+    assert isinstance(calib["atypical_images"], list)
     back = load_artifacts(tmp_path / "b")
     images = torch.rand(2, 3, 64, 64)
     assert np.allclose(art.model().predict(images).scores, back.model().predict(images).scores, rtol=1e-4)

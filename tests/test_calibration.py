@@ -90,3 +90,15 @@ def test_errors():
         fit_calibration(NORMAL, None, np.zeros((2, 4, 4)), np.zeros((2, 4, 4)))
     with pytest.raises(ValueError, match="no pixel calibration"):
         fit_calibration(NORMAL).normalize_pixels(np.zeros(3))
+
+
+def test_far_out_training_scores_are_fenced_off_and_counted():
+    contaminated = np.concatenate([NORMAL, [3.0, 3.5, 4.0]])  # three parts unlike the rest
+    plain = fit_calibration(contaminated, normal_quantile=0.99)
+    fenced = fit_calibration(contaminated, normal_quantile=0.99, outlier_iqr=3.0)
+    assert plain.threshold > 2.0 and plain.image.n_outliers == 0
+    assert fenced.image.n_outliers == 3 and fenced.image.n_normal == NORMAL.size
+    assert fenced.threshold == pytest.approx(np.quantile(NORMAL, 0.99))
+    assert (
+        fit_calibration(NORMAL, outlier_iqr=3.0).threshold == fit_calibration(NORMAL).threshold
+    )  # nothing fenced
