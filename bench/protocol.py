@@ -121,16 +121,18 @@ def score_cell(
     query_ms = 1000 * (time.perf_counter() - start) / len(test_emb)
     size = (cfg.data.image_size, cfg.data.image_size)
     maps = anomaly_map(torch.from_numpy(patch), size, cfg.bank.blur_sigma).numpy()
-    thr = None
+    thr, oof = None, None
     if threshold:
         folds = out_of_fold_scores(flat, grid, cfg.bank, cfg.calibration.folds, seed, rows, progress=False)
         c = cfg.calibration
         thr = fit_level(folds.scores, quantile=1.0 - c.false_alarm_rate, fence=c.outlier_iqr).threshold
+        oof = folds.scores.round(4).tolist()
     rate = cfg.calibration.false_alarm_rate if threshold else None
     metrics = detection_metrics(test["labels"], scores, test["masks"], maps, thr, rate)
     return {
         "metrics": metrics,
         "threshold": thr,
+        "out_of_fold_scores": oof,
         "bank_patches": len(bank),
         "bank_s": bank_s,
         "query_ms": query_ms,

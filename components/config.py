@@ -103,7 +103,9 @@ class BackboneConfig(_Section):
 
 class StageDConfig(_Section):
     enabled: bool = Field(
-        True, description="Train the discriminative network D (needed by the negative guide)."
+        False,
+        description="Train the discriminative network D (needed by the negative guide). Off by default: with "
+        "stage 2 off nothing uses D (bench/RESULTS.md section 8).",
     )
     epochs: int = Field(6, ge=0, description="Passes over the training images.")
     batch_size: int = Field(8, ge=1, description="Images per step.")
@@ -117,7 +119,11 @@ class StageDConfig(_Section):
 
 
 class ContrastiveConfig(_Section):
-    enabled: bool = Field(True, description="Stage 2: adapt F's patch features (off = frozen-F PatchCore).")
+    enabled: bool = Field(
+        False,
+        description="Stage 2: adapt F's patch features (off = frozen-F PatchCore). Off by default: no variant "
+        "has beaten frozen F under the seed-paired protocol yet (bench/RESULTS.md section 8).",
+    )
     mode: Literal["finetune", "adaptor"] = Field(
         "finetune",
         description="finetune: train F's last blocks (SimSiam, guide, proximity); adaptor: train a residual "

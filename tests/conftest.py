@@ -71,8 +71,10 @@ def s3_server(tmp_path_factory):
 
 
 # ---------------------------------------------------------------- serving
-TINY = [  # tiny images, epochs and heads: a whole training in seconds
+TINY = [  # tiny images, epochs and heads: a whole training in seconds, every stage switched on
     "data.image_size=64",
+    "stage_d.enabled=true",
+    "contrastive.enabled=true",
     "generator.max_scale=3",
     "stage_d.epochs=1",
     "stage_d.width=16",

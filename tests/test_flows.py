@@ -17,8 +17,10 @@ from storage.datasets import DatasetRegistry
 from storage.registry import ModelRegistry
 from storage.store import ArtifactStore
 
-TINY = {
+TINY = {  # every stage switched on, as in conftest.TINY
     "data.image_size": 64,
+    "stage_d.enabled": True,
+    "contrastive.enabled": True,
     "generator.max_scale": 3,
     "stage_d.epochs": 1,
     "stage_d.width": 16,

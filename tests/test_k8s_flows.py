@@ -901,10 +901,22 @@ def test_template_copy_is_not_mutated_by_rendering():
 @pytest.mark.parametrize(
     ("overrides", "gpus"),
     [
-        ([], {"d": 1, "c": 1, "bank": 0}),
-        (["stage_d.enabled=false", "contrastive.mode=adaptor"], {"d": 0, "c": 1, "bank": 0}),
-        (["stage_d.epochs=0", "contrastive.enabled=false"], {"d": 0, "c": 0, "bank": 0}),
-        (["contrastive.mode=adaptor", "contrastive.adaptor_epochs=0"], {"d": 1, "c": 0, "bank": 0}),
+        ([], {"d": 0, "c": 0, "bank": 0}),  # the default: frozen F, nothing to train
+        (["stage_d.enabled=true", "contrastive.enabled=true"], {"d": 1, "c": 1, "bank": 0}),
+        (["contrastive.enabled=true", "contrastive.mode=adaptor"], {"d": 0, "c": 1, "bank": 0}),
+        (
+            ["stage_d.enabled=true", "stage_d.epochs=0", "contrastive.enabled=true"],
+            {"d": 0, "c": 1, "bank": 0},
+        ),
+        (
+            [
+                "stage_d.enabled=true",
+                "contrastive.enabled=true",
+                "contrastive.mode=adaptor",
+                "contrastive.adaptor_epochs=0",
+            ],
+            {"d": 1, "c": 0, "bank": 0},
+        ),  # fmt: skip
     ],
 )
 def test_only_stages_that_train_get_a_gpu(overrides, gpus):
