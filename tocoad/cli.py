@@ -120,8 +120,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job, end to end from an empty machine: demo data -> dataset registry -> retraining flow.
 
-    The flow validates the images, runs stage D, the contrastive stage and the memory bank as local jobs,
-    evaluates, registers the candidate and promotes it; the evaluation report is copied to ``OUT/report``.
+    The flow validates the images, runs the three stage jobs as local jobs (stage D and the contrastive stage pass
+    their input on under the default config, which keeps F frozen), evaluates, registers the candidate and promotes
+    it; the evaluation report is copied to ``OUT/report``.
     """
     from components.demo_data import make_demo_dataset
     from storage.datasets import DatasetRegistry
