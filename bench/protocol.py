@@ -16,8 +16,11 @@ What it runs, per data set:
 
 Pairing: variant (training seed t, coreset seed k) is compared with frozen (coreset seed k). Tiers:
 
-* ``screen`` -- 3 training seeds x 3 coreset seeds, the variant's settings as given (the adaptor trains in
-  minutes); the threshold is fitted for coreset seed 0 only. About an hour for two variants on four sets.
+* ``screen`` -- 3 training seeds x 3 coreset seeds, the variant's settings as given (lower ``--set`` epochs to
+  screen faster); the threshold is fitted for coreset seed 0 only. Measured on the 2-core machine while sharing
+  it (bench/RESULTS.md section 8): a bank cell costs about a minute on bottle and several on capsules (555k
+  patches), a training seed of the adaptor 6 minutes on screw, of stage D + fine-tuning 6-28 minutes on bottle.
+  So one trained variant on four sets takes hours, not the hour issue 11 asks for; frozen F takes about an hour.
 * ``full`` -- the same seeds, thresholds for every coreset seed.
 
 Writes ``<out>/results.json`` after every cell, and continues an interrupted run from it. Thresholds and every
