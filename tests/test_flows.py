@@ -126,7 +126,9 @@ def test_rejected_data_stops_before_any_job(store, tmp_path, ran):
 
 
 def test_killed_stage_fails_the_run_and_a_rerun_resumes(store, demo_version, monkeypatch, ran):
-    config = {**TINY, "contrastive.epochs": 2}  # other cache keys than the first run
+    # other cache keys than the first run, and a stage c long enough (~10 s) to be cut off by a 5 s deadline on an
+    # idle machine too (with 2 epochs it finished and committed its output within the deadline)
+    config = {**TINY, "contrastive.epochs": 30}
     spy = runner_module.LocalRunner.run  # the `ran` fixture's recorder
 
     def kill_contrastive(self, spec, log):

@@ -175,8 +175,8 @@ def test_contrastive_trains_in_bf16_on_cpu():
 
 def test_pipeline_records_precision_and_refuses_fp16_on_cpu(tmp_path):
     data = make_demo_dataset(tmp_path / "data", n_train=8, n_test_good=2, n_test_defect=2, image_size=SIZE)
-    tiny = ["data.image_size=64", "generator.max_scale=3", "stage_d.epochs=1", "stage_d.width=16",
-            "runtime.num_workers=0", "runtime.progress=false"]  # fmt: skip
+    tiny = ["data.image_size=64", "generator.max_scale=3", "stage_d.enabled=true", "stage_d.epochs=1",
+            "stage_d.width=16", "runtime.num_workers=0", "runtime.progress=false"]  # fmt: skip
     cfg = TocoadConfig().with_overrides([*tiny, "runtime.precision=bf16"])
     art = train(cfg, data, tmp_path / "d", stage="d")
     assert art.metrics["precision"] == {"d": "bf16"}
