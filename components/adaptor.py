@@ -25,14 +25,13 @@ many minutes (bench/RESULTS.md section 8).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from components.config import TocoadConfig
-from components.coreset import greedy_coreset
 from components.losses import compactness_loss, margin_loss, nearest_memory_distance
+from components.memory_bank import coreset_indices
 from components.training import run_epochs
 
 
@@ -84,10 +83,8 @@ def train_adaptor(
     torch.manual_seed(seed + 3)
     flat = normal.permute(0, 2, 3, 1).reshape(-1, dim).contiguous()
     image_of = torch.arange(n).repeat_interleave(h * w)
-    size = max(2, round(len(flat) * cfg.bank.coreset_ratio))
-    memory_idx = torch.as_tensor(
-        np.sort(greedy_coreset(flat, n=min(size, len(flat)), seed=seed, progress=False)), dtype=torch.long
-    )
+    size = max(2, round(len(flat) * cfg.bank.coreset_ratio))  # the bank's rule, at least 2 patches
+    memory_idx = torch.from_numpy(coreset_indices(flat.numpy(), cfg.bank, seed, progress=False, n=size))
     memory_ids = image_of[memory_idx]
     memory_rows = flat[memory_idx]
     pairs = torch.randint(len(memory_idx), (2, min(4096, len(memory_idx) ** 2)), generator=gen)
@@ -127,9 +124,7 @@ def train_adaptor(
         )
         out = {"compact": compactness_loss(d_normal, spread)}
         total = c.compact_weight * out["compact"]
-        if (
-            c.distill_weight > 0
-        ):  # the forgetting guard: stay near the pretrained features, relative to the spread
+        if c.distill_weight > 0:  # the forgetting guard: stay near the pretrained features
             moved = memory - memory_rows
             out["distill"] = moved.norm(dim=1).mean() / spread
             total = total + c.distill_weight * out["distill"]
@@ -145,7 +140,6 @@ def train_adaptor(
         total.backward()
         opt.step()
         out["total"] = total
-        out["normal_over_spread"] = out["compact"]
         return {k: float(v.detach()) for k, v in out.items()}
 
     history = run_epochs(Batches(), c.adaptor_epochs, step, "stage C (adaptor)", progress)
