@@ -69,8 +69,3 @@ def coreset_indices(
         initial=initial,
     )
     return np.sort(idx)
-
-
-def subsample(embeddings: np.ndarray, bank: BankConfig, seed: int, progress: bool = True) -> np.ndarray:
-    """The greedy coreset of ``embeddings`` (float32 ``[M, C]``), at least one patch."""
-    return np.ascontiguousarray(embeddings[coreset_indices(embeddings, bank, seed, progress)])
