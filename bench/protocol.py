@@ -42,6 +42,7 @@ from components.calibration import fit_level
 from components.config import TocoadConfig
 from components.datasets import discover
 from components.evaluate import detection_metrics
+from components.fusion import choose_fusion, d_patch_map, patch_labels
 from components.memory_bank import coreset_indices
 from components.nn_index import build_index
 from components.out_of_fold import out_of_fold_scores
@@ -79,6 +80,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         "fine-tuned F blocks, geometric views only",
         ["contrastive.mode=finetune", "contrastive.photometric=false"],
     ),
+    "fusion": (
+        "frozen F + D's map fused with the kNN map (weight from cutpaste anomalies)",
+        ["contrastive.enabled=false", "stage_d.enabled=true"],
+    ),
     "coreset5": ("frozen F, 5 % coreset", ["contrastive.enabled=false", "bank.coreset_ratio=0.05"]),
     "coreset10": ("frozen F, 10 % coreset", ["contrastive.enabled=false", "bank.coreset_ratio=0.1"]),
 }
@@ -107,9 +112,20 @@ def _flat(maps: torch.Tensor) -> np.ndarray:
 
 
 def score_cell(
-    cfg: TocoadConfig, train_emb: torch.Tensor, test_emb: torch.Tensor, test: dict, seed: int, threshold: bool
+    cfg: TocoadConfig,
+    train_emb: torch.Tensor,
+    test_emb: torch.Tensor,
+    test: dict,
+    seed: int,
+    threshold: bool,
+    fuse: dict | None = None,
 ) -> dict:
-    """Bank from ``train_emb`` with coreset seed ``seed``, metrics on the test set, and (if asked) the threshold."""
+    """Bank from ``train_emb`` with coreset seed ``seed``, metrics on the test set, and (if asked) the threshold.
+
+    ``fuse`` (from :func:`d_inputs`) fuses D's map with the kNN map; its weight comes from out-of-fold scores of
+    the training images and of held-out-family synthetic anomalies, so this cell always runs the fold banks."""
+    if fuse is not None:
+        return _fused_cell(cfg, train_emb, test_emb, test, seed, fuse)
     grid = tuple(train_emb.shape[-2:])
     flat = _flat(train_emb)
     start = time.perf_counter()
@@ -142,6 +158,99 @@ def score_cell(
     }
 
 
+def _fused_cell(
+    cfg: TocoadConfig, train_emb: torch.Tensor, test_emb: torch.Tensor, test: dict, seed: int, fuse: dict
+) -> dict:
+    grid = tuple(train_emb.shape[-2:])
+    flat = _flat(train_emb)
+    start = time.perf_counter()
+    rows = coreset_indices(flat, cfg.bank, seed, progress=False)
+    bank = np.ascontiguousarray(flat[rows])
+    index = build_index(bank, kind=cfg.bank.index)
+    bank_s = time.perf_counter() - start
+    folds = out_of_fold_scores(
+        flat,
+        grid,
+        cfg.bank,
+        cfg.calibration.folds,
+        seed,
+        rows,
+        False,
+        _flat(fuse["synthetic"]),
+        fuse["source"],
+    )
+    fusion = choose_fusion(
+        folds.patch, fuse["d_train"], folds.extra_patch, fuse["d_synthetic"], fuse["labels"], FUSION_MIN_GAIN
+    )
+    knn_test = patch_distances(index, _flat(test_emb), grid)
+    patch = fusion(knn_test, fuse["d_test"])
+    scores = patch.reshape(len(patch), -1).max(1).astype(np.float64)
+    size = (cfg.data.image_size, cfg.data.image_size)
+    maps = anomaly_map(torch.from_numpy(patch), size, cfg.bank.blur_sigma).numpy()
+    normal = fusion(folds.patch, fuse["d_train"]).reshape(len(folds.patch), -1).max(1)
+    c = cfg.calibration
+    thr = fit_level(normal, quantile=1.0 - c.false_alarm_rate, fence=c.outlier_iqr).threshold
+    metrics = detection_metrics(test["labels"], scores, test["masks"], maps, thr, c.false_alarm_rate)
+    knn_only = detection_metrics(
+        test["labels"],
+        knn_test.reshape(len(knn_test), -1).max(1),
+        test["masks"],
+        anomaly_map(torch.from_numpy(knn_test), size, cfg.bank.blur_sigma).numpy(),
+        None,
+        None,
+    )
+    return {
+        "metrics": metrics,
+        "knn_only_metrics": knn_only,
+        "fusion": fusion.to_dict(),
+        "threshold": thr,
+        "out_of_fold_scores": normal.round(4).tolist(),
+        "bank_patches": len(bank),
+        "bank_s": bank_s,
+    }
+
+
+FUSION_MIN_GAIN = 0.005  # a weight of D above 0 must beat kNN alone by half a point on the held-out family
+FUSION_VALIDATION_KIND = "cutpaste"  # D trains on Perlin blends; its weight is judged on another family
+FUSION_SYNTHETIC = 128  # held-out-family synthetic anomalies made from training images
+
+
+def d_inputs(cfg: TocoadConfig, disc, frozen, train, test_samples, grid: tuple[int, int]) -> dict:
+    """D's patch maps of the training and test images, and held-out-family synthetic anomalies (embeddings, D's
+    maps, patch labels, source training image) for :func:`components.fusion.choose_fusion`."""
+    b = cfg.bank
+    out: dict = {"d_train": [], "d_test": [], "synthetic": [], "d_synthetic": [], "labels": []}
+    with torch.no_grad():
+        for key, samples in (("d_train", train), ("d_test", test_samples)):
+            for batch in data_loader(cfg, samples, cfg.runtime.batch_size, shuffle=False):
+                out[key].append(d_patch_map(disc, batch["image"], grid))
+        count = min(FUSION_SYNTHETIC, len(train))
+        pick = np.sort(np.random.default_rng(cfg.runtime.seed + 3).choice(len(train), count, replace=False))
+        gen = generator_from_config(
+            cfg.with_overrides([f"generator.kind={FUSION_VALIDATION_KIND}"]), anomaly_prob=1.0
+        )
+        rng = torch.Generator().manual_seed(cfg.runtime.seed + 3)
+        for batch in data_loader(cfg, [train[i] for i in pick], cfg.runtime.batch_size, shuffle=False):
+            synth = gen(batch["image"], rng)
+            out["synthetic"].append(embed_images(frozen, synth.image, b.aggregation, b.feature_dim).float())
+            out["d_synthetic"].append(d_patch_map(disc, synth.image, grid))
+            out["labels"].append(patch_labels(synth.mask, grid))
+    fuse = {k: (torch.cat(v) if k == "synthetic" else np.concatenate(v)) for k, v in out.items()}
+    fuse["source"] = pick
+    return fuse
+
+
+def train_d(cfg: TocoadConfig, data):
+    """Stage D as ``tocoad train`` runs it for ``cfg.runtime.seed`` (CPU)."""
+    from components.discriminator import train_discriminator
+
+    train, _ = training_split(cfg, data)
+    loader = data_loader(cfg, train, cfg.stage_d.batch_size, shuffle=True)
+    torch.manual_seed(cfg.runtime.seed)
+    disc, _ = train_discriminator(cfg, loader, generator_from_config(cfg), torch.device("cpu"))
+    return disc.eval()
+
+
 def train_variant(
     cfg: TocoadConfig, data, frozen, train_emb: torch.Tensor, test_emb: torch.Tensor, test_samples
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -150,13 +259,7 @@ def train_variant(
     start = time.perf_counter()
     device = torch.device("cpu")
     train, _ = training_split(cfg, data)
-    disc = None
-    if c.guide and cfg.stage_d.enabled:
-        from components.discriminator import train_discriminator
-
-        loader = data_loader(cfg, train, cfg.stage_d.batch_size, shuffle=True)
-        torch.manual_seed(cfg.runtime.seed)
-        disc, _ = train_discriminator(cfg, loader, generator_from_config(cfg), device)
+    disc = train_d(cfg, data) if c.guide and cfg.stage_d.enabled else None
     torch.manual_seed(cfg.runtime.seed)
     if c.mode == "adaptor":
         from components.adaptor import train_adaptor
@@ -206,15 +309,22 @@ def run_set(
             cfg = TocoadConfig().with_overrides(base + overrides + [f"runtime.seed={t}"])
             if all(f"{name}/{t}/{k}" in results["cells"] for k in coreset_seeds):
                 continue
+            fuse = None
             if cfg.contrastive.enabled:
                 tr, te, train_s = train_variant(cfg, data, frozen, train_emb, test_emb, data.test)
             else:
                 tr, te, train_s = train_emb, test_emb, 0.0
+            if name == "fusion":
+                start = time.perf_counter()
+                disc = train_d(cfg, data)
+                fuse = d_inputs(cfg, disc, frozen, train, data.test, tuple(train_emb.shape[-2:]))
+                train_s = time.perf_counter() - start
             for k in coreset_seeds:
                 key = f"{name}/{t}/{k}"
                 if key in results["cells"]:
                     continue
-                cell = score_cell(cfg, tr, te, test, k, threshold=tier == "full" or k == coreset_seeds[0])
+                first = tier == "full" or k == coreset_seeds[0]
+                cell = score_cell(cfg, tr, te, test, k, threshold=first, fuse=fuse)
                 cell.update(variant=name, description=desc, train_seed=t, coreset_seed=k, train_s=train_s)
                 results["cells"][key] = cell
                 path.write_text(json.dumps(results, indent=2))

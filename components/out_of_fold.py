@@ -35,6 +35,9 @@ class FoldScores:
     scores: np.ndarray
     patch: np.ndarray
     fold: np.ndarray
+    extra_patch: np.ndarray | None = (
+        None  # patch distances of the ``extra`` queries, each against its fold's bank
+    )
 
 
 def assign_folds(n_images: int, folds: int, seed: int) -> np.ndarray:
@@ -57,9 +60,15 @@ def out_of_fold_scores(
     seed: int,
     bank_rows: np.ndarray,
     progress: bool = True,
+    extra: np.ndarray | None = None,
+    extra_source: np.ndarray | None = None,
 ) -> FoldScores:
     """Score every image of ``embeddings`` ``[N * h * w, C]`` (images in order, ``grid`` = (h, w) patches each)
-    against the deployed coreset (rows ``bank_rows``) refilled without the image's fold (module doc)."""
+    against the deployed coreset (rows ``bank_rows``) refilled without the image's fold (module doc).
+
+    ``extra`` ``[M * h * w, C]`` are further images made from training images (e.g. synthetic anomalies), image
+    ``j`` from training image ``extra_source[j]``; each is scored against the bank of its source's fold.
+    """
     per_image = grid[0] * grid[1]
     if len(embeddings) % per_image:
         raise ValueError(f"{len(embeddings)} patch embeddings do not split into images of {grid} patches")
@@ -69,6 +78,11 @@ def out_of_fold_scores(
     patch = np.empty((n, *grid), dtype=np.float32)
     scores = np.empty(n, dtype=np.float64)
     bank_rows = np.asarray(bank_rows, dtype=np.int64)
+    extra_patch, extra_fold = None, None
+    if extra is not None:
+        extra_fold = fold[np.asarray(extra_source, dtype=np.int64)]
+        extra_patch = np.empty((len(extra_fold), *grid), dtype=np.float32)
+        extra_rows = np.repeat(extra_fold, per_image)
     for f in tqdm(
         range(int(fold.max()) + 1), desc="calibration folds", disable=not progress, dynamic_ncols=True
     ):
@@ -81,4 +95,8 @@ def out_of_fold_scores(
         dist = patch_distances(index, queries, grid)
         patch[fold == f] = dist
         scores[fold == f] = image_scores(dist, queries, fold_bank, index, bank.reweight)
-    return FoldScores(scores, patch, fold)
+        if extra_patch is not None and (extra_fold == f).any():
+            extra_patch[extra_fold == f] = patch_distances(
+                index, np.ascontiguousarray(extra[extra_rows == f]), grid
+            )
+    return FoldScores(scores, patch, fold, extra_patch)

@@ -123,6 +123,12 @@ def test_out_of_fold_banks_keep_the_deployed_size_and_never_see_their_own_image(
     assert out.scores.shape == (n,) and out.patch.shape == (n, *grid)
     assert out.scores.min() > 1.0
     assert np.allclose(out.scores, out.patch.reshape(n, -1).max(axis=1))
+    assert out.extra_patch is None
+    # extra images scored against their source's fold bank: a copy of image j scores exactly as j out of fold
+    source = np.array([4, 0, 2])
+    extra = emb.reshape(n, -1, 4)[source].reshape(-1, 4)
+    withx = out_of_fold_scores(emb, grid, bank, 3, 0, np.arange(len(emb)), False, extra, source)
+    assert np.allclose(withx.extra_patch, out.patch[source]) and np.allclose(withx.scores, out.scores)
     # identical images: the other folds hold an exact copy, so every score is ~0
     same = np.tile(emb[:4], (n, 1))
     rows = np.arange(len(same))

@@ -81,3 +81,17 @@ def test_threshold_target():
     assert verdict(m(2, 5.0, 90.0, 90.0)) == "met"  # 40 good parts: 2 images is within 0.4 + 2
     assert verdict(m(3, 7.5, 90.0, 90.0)) == "false alarms"
     assert verdict({"image_auroc": 90.0}) is None
+
+
+def test_protocol_fusion_variant_trains_d_once_and_records_its_weight(serve_data, tmp_path):
+    base = [*TINY, "calibration.folds=3"]
+    results = protocol.run_set(serve_data, tmp_path / "f", ["frozen", "fusion"], [0], [0, 1], "screen", base)
+    cells = results["cells"]
+    assert sorted(cells) == ["frozen/0/0", "frozen/0/1", "fusion/0/0", "fusion/0/1"]
+    for key in ("fusion/0/0", "fusion/0/1"):
+        cell = cells[key]
+        assert 0.0 <= cell["fusion"]["weight"] <= 1.0 and "0.0" in cell["fusion"]["validation"]
+        assert cell["threshold"] is not None  # the fused cell always scores the fold banks
+        assert len(cell["out_of_fold_scores"]) == len(cells["frozen/0/0"]["out_of_fold_scores"])
+    # the kNN part of the fused cell is the frozen cell's bank under the same coreset seed
+    assert cells["fusion/0/1"]["knn_only_metrics"]["pixel_auroc"] == cells["frozen/0/1"]["metrics"]["pixel_auroc"]
