@@ -42,8 +42,9 @@ from components.calibration import fit_level
 from components.config import TocoadConfig
 from components.datasets import discover
 from components.evaluate import detection_metrics
-from components.fusion import choose_fusion, d_patch_map, patch_labels
+from components.fusion import WEIGHTS, Fusion, choose_fusion, d_patch_map, patch_labels
 from components.memory_bank import coreset_indices
+from components.metrics import image_auroc, pixel_auroc
 from components.nn_index import build_index
 from components.out_of_fold import out_of_fold_scores
 from components.patch_features import embed_images
@@ -199,9 +200,20 @@ def _fused_cell(
         None,
         None,
     )
+    # Diagnostic only (never used to pick anything): what each weight would have given on the test set.
+    by_weight = {}
+    for w in WEIGHTS:
+        f = Fusion(w, fusion.knn, fusion.d)
+        p = f(knn_test, fuse["d_test"])
+        m = anomaly_map(torch.from_numpy(p), size, cfg.bank.blur_sigma).numpy()
+        by_weight[str(w)] = [
+            round(100 * image_auroc(test["labels"], p.reshape(len(p), -1).max(1)), 2),
+            round(100 * pixel_auroc(test["masks"], m), 2),
+        ]
     return {
         "metrics": metrics,
         "knn_only_metrics": knn_only,
+        "test_by_weight_diagnostic": by_weight,
         "fusion": fusion.to_dict(),
         "threshold": thr,
         "out_of_fold_scores": normal.round(4).tolist(),
