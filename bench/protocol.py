@@ -155,6 +155,7 @@ def score_cell(
     metrics = detection_metrics(test["labels"], scores, test["masks"], maps, thr, rate)
     return {
         "metrics": metrics,
+        "test_scores": np.round(scores, 4).tolist(),  # to see where the threshold sits among the test images
         "threshold": thr,
         "out_of_fold_scores": oof,
         "bank_patches": len(bank),
@@ -216,6 +217,7 @@ def _fused_cell(
         ]
     return {
         "metrics": metrics,
+        "test_scores": np.round(scores, 4).tolist(),  # to see where the threshold sits among the test images
         "knn_only_metrics": knn_only,
         "test_by_weight_diagnostic": by_weight,
         "fusion": fusion.to_dict(),
