@@ -11,8 +11,11 @@ Decisions worth knowing:
   ``DecompressionBombError`` (above ``2 * Image.MAX_IMAGE_PIXELS``) is reported as an ``ImageError``.
   No global Pillow setting is changed; only the ``warnings`` filters are touched, inside
   ``warnings.catch_warnings()``.
-* Truncated files are refused (``ImageFile.LOAD_TRUNCATED_IMAGES`` is never used; PNGs are additionally
-  checked chunk by chunk up to ``IEND`` so a half-written file is caught even when its pixels decode).
+* Truncated files are refused (``ImageFile.LOAD_TRUNCATED_IMAGES`` must stay off: decoding refuses to run
+  when something in the process turned it on). PNGs are additionally checked chunk by chunk up to ``IEND``,
+  and their image data must inflate to every row the header declares: Pillow fills missing rows with zeros
+  when the compressed stream ends early. (A JPEG cut short with an end marker appended is still concealed by
+  libjpeg, which Pillow does not report.)
 * Transparency is composited onto black: transparent pixels become black, so colours hidden under
   alpha cannot leak into features.  Fully opaque images are unchanged.
 * High-bit-depth grey (``I;16*``) is scaled by its declared bit depth (16, or TIFF ``BitsPerSample``) to
@@ -28,16 +31,19 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 __all__ = [
     "ImageError",
     "decode_image",
     "decode_mask",
+    "image_size",
     "load_image",
     "load_mask",
     "read_bytes",
@@ -50,6 +56,8 @@ FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP")  # JPEG also opens multi
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _MAX_FILE_BYTES = 512 * 2**20
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
 
 
 class ImageError(ValueError):
@@ -85,22 +93,68 @@ def _verify_png(data: bytes, source: str) -> None:
         raise _fail(
             source, f"is a truncated or corrupt PNG ({exc})", "re-copy or re-export the file"
         ) from exc
+    _check_png_rows(data, source)
 
 
-def _open(
-    data: bytes, source: str, max_pixels: int, max_side: int, min_side: int
-) -> tuple[Image.Image, int | None]:
-    """Open, size-check and fully load the first frame; EXIF orientation applied.
+def _png_chunks(data: memoryview) -> Iterator[tuple[bytes, memoryview]]:
+    """(type, payload) of each chunk after the signature (lengths past the end give a short payload)."""
+    pos = 8
+    while pos + 8 <= len(data):
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        yield bytes(data[pos + 4 : pos + 8]), data[pos + 8 : pos + 8 + length]
+        pos += 12 + length
 
-    Returns the image and its declared grey bit depth (TIFF ``BitsPerSample``; ``None`` otherwise), read
-    before the EXIF transpose drops the format-specific attributes.
-    """
+
+def _png_raw_size(ihdr: memoryview) -> int:
+    """Bytes of filtered scanlines the IHDR declares (every Adam7 pass when interlaced)."""
+    w, h = int.from_bytes(ihdr[0:4], "big"), int.from_bytes(ihdr[4:8], "big")
+    bits = ihdr[8] * _PNG_CHANNELS.get(ihdr[9], 4)
+    total = 0
+    for x0, y0, dx, dy in _ADAM7 if ihdr[12] else ((0, 0, 1, 1),):
+        cols, rows = -(-(w - x0) // dx), -(-(h - y0) // dy)
+        if cols > 0 and rows > 0:
+            total += rows * (1 + -(-cols * bits // 8))
+    return total
+
+
+def _check_png_rows(data: bytes, source: str) -> None:
+    """The IDAT stream must inflate to every scanline the header declares (inflated 1 MiB at a time)."""
+    chunks = _png_chunks(memoryview(data))
+    _, ihdr = next(chunks)
+    need, got, inflater = _png_raw_size(ihdr), 0, zlib.decompressobj()
+    try:
+        for kind, payload in chunks:
+            if kind == b"IEND":
+                break
+            tail = payload if kind == b"IDAT" else b""
+            while tail and got < need:
+                got += len(inflater.decompress(tail, 2**20))
+                tail = inflater.unconsumed_tail
+            if got >= need:
+                return
+    except zlib.error as exc:
+        raise _fail(source, f"is a corrupt PNG ({exc})", "re-copy or re-export the file") from exc
+    raise _fail(
+        source,
+        f"is a truncated PNG: its image data holds {got} of the {need} bytes its header declares",
+        "re-copy or re-export the file",
+    )
+
+
+def _open_lazy(data: bytes, source: str) -> Image.Image:
+    """Open the header only (no pixel decoded yet), or raise :class:`ImageError`."""
     if not data:
         raise _fail(source, "is empty (0 bytes)", "re-copy the file; the write probably failed")
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise _fail(
+            source,
+            "cannot be checked: PIL.ImageFile.LOAD_TRUNCATED_IMAGES was turned on in this process",
+            "turn it off again; truncated files must be refused, not padded with zeros",
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            im = Image.open(io.BytesIO(data), formats=list(FORMATS))
+            return Image.open(io.BytesIO(data), formats=list(FORMATS))
         except Image.DecompressionBombError as exc:
             raise _fail(
                 source,
@@ -120,6 +174,23 @@ def _open(
                 f"is not a readable image ({type(exc).__name__}: {exc})",
                 f"supply a valid {', '.join(FORMATS)} file",
             ) from exc
+
+
+def image_size(data: bytes, source: str = "<bytes>") -> tuple[int, int]:
+    """The (width, height) an image's header declares, without decoding pixels; :class:`ImageError` if unreadable."""
+    with _open_lazy(data, source) as im:
+        return im.size
+
+
+def _open(
+    data: bytes, source: str, max_pixels: int, max_side: int, min_side: int
+) -> tuple[Image.Image, int | None]:
+    """Open, size-check and fully load the first frame; EXIF orientation applied.
+
+    Returns the image and its declared grey bit depth (TIFF ``BitsPerSample``; ``None`` otherwise), read
+    before the EXIF transpose drops the format-specific attributes.
+    """
+    im = _open_lazy(data, source)
     _check_size(im.size, source, max_pixels, max_side, min_side)
     if im.format == "PNG":
         _verify_png(data, source)
