@@ -42,6 +42,12 @@ class BundleError(ValueError):
     """A bundle that is missing, incomplete or tampered with; the message names the file."""
 
 
+class BundleChecksumError(BundleError):
+    """A bundle file whose size or sha256 differs from its manifest (exit status 5, as for S3 objects)."""
+
+    exit_code = 5
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     """Streamed sha256 of a file."""
     h = hashlib.sha256()
@@ -137,7 +143,7 @@ def verify_bundle(bundle_dir: Path) -> dict[str, Any]:
         if not file.is_file():
             raise BundleError(f"bundle file {file} is missing")
         if file.stat().st_size != info["bytes"] or sha256_file(file) != info["sha256"]:
-            raise BundleError(
+            raise BundleChecksumError(
                 f"checksum mismatch for {file}: the bundle was modified or damaged; do not use it"
             )
     return manifest

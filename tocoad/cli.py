@@ -1,7 +1,8 @@
 """The ``tocoad`` command line: train, evaluate, predict, demo, config.
 
 Errors that a user can fix (bad config, bad path, unreadable image, damaged bundle, S3 trouble) print one clear message and
-exit with status 2; nothing prints a traceback unless ``TOCOAD_DEBUG=1``.
+exit with a status that says which (2 bad input or settings, 3 storage unreachable, 4 access denied, 5 checksum
+mismatch, in S3 or in a local bundle); nothing prints a traceback unless ``TOCOAD_DEBUG=1``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,18 @@ import tempfile
 from pathlib import Path
 
 EXIT_USAGE = 2
+
+
+def exit_code(exc: BaseException, default: int) -> int:
+    """The ``exit_code`` of ``exc`` or of an error it was raised from (a wrapped checksum error still exits 5)."""
+    chain: BaseException | None = exc
+    for _ in range(16):  # a cause chain is short; the bound guards against a cycle
+        if chain is None:
+            break
+        if isinstance(code := getattr(chain, "exit_code", None), int):
+            return code
+        chain = chain.__cause__
+    return default
 
 
 def _config(args: argparse.Namespace):
@@ -238,10 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ValueError, OSError) as exc:  # our errors are ValueError subclasses with a clear text
         print(f"error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", EXIT_USAGE)
+        return exit_code(exc, EXIT_USAGE)
     except RuntimeError as exc:  # e.g. out of memory inside torch, or the local S3 server failing to start
         print(f"error: {exc}\n(set TOCOAD_DEBUG=1 for a traceback)", file=sys.stderr)
-        return getattr(exc, "exit_code", 1)
+        return exit_code(exc, 1)
 
 
 if __name__ == "__main__":
