@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 import torch
@@ -46,6 +46,43 @@ class BundleChecksumError(BundleError):
     """A bundle file whose size or sha256 differs from its manifest (exit status 5, as for S3 objects)."""
 
     exit_code = 5
+
+
+class UnsafePathError(ValueError):
+    """A path read from a manifest that could write or read outside its folder."""
+
+
+def safe_relpath(rel: object, root: Path) -> Path:
+    """``root / rel`` for a manifest path ``rel``, or :class:`UnsafePathError` unless it stays inside ``root``.
+
+    ``rel`` must be a relative, normalised POSIX path: no leading ``/``, no drive, no backslash, no empty,
+    ``.`` or ``..`` part. Every path read from a manifest (bundles, datasets) goes through here before use.
+    """
+    why = unsafe_path_reason(rel)
+    if why is None:
+        root = Path(root).resolve()
+        target = (root / str(rel)).resolve()
+        if target == root or root not in target.parents:
+            why = "it resolves outside the folder"
+    if why is not None:
+        raise UnsafePathError(
+            f"refusing manifest path {rel!r}: {why}; a manifest may only name relative paths inside its "
+            "folder, so this one was written by someone who should not have — nothing was written"
+        )
+    return Path(root) / str(rel)
+
+
+def unsafe_path_reason(rel: object) -> str | None:
+    """Why ``rel`` may not be a manifest path (absolute, drive, backslash, NUL, not normalised), or None."""
+    if not isinstance(rel, str) or not rel:
+        return "it is not a non-empty string"
+    if "\\" in rel or "\0" in rel:
+        return "it holds a backslash or a NUL byte"
+    if rel.startswith("/") or PureWindowsPath(rel).drive:
+        return "it is absolute"
+    if any(part in ("", ".", "..") for part in rel.split("/")):
+        return "it is not normalised (empty, '.' or '..' part)"
+    return None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -139,7 +176,7 @@ def verify_bundle(bundle_dir: Path) -> dict[str, Any]:
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     for name, info in manifest.get("files", {}).items():
-        file = bundle_dir / name
+        file = safe_relpath(name, bundle_dir)
         if not file.is_file():
             raise BundleError(f"bundle file {file} is missing")
         if file.stat().st_size != info["bytes"] or sha256_file(file) != info["sha256"]:

@@ -1,7 +1,8 @@
 """Folders in S3: upload a set of checksummed files under a prefix, and download them back atomically.
 
 Both registries build on these two functions; the caller writes its commit marker (a manifest) after
-:func:`push_tree` returns, and a reader trusts a prefix only once that marker is there.
+:func:`push_tree` returns, and a reader trusts a prefix only once that marker is there. Every path a manifest names
+is checked (:func:`components.bundle.safe_relpath`) before anything is written.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from components.bundle import safe_relpath
 from storage.store import ArtifactStore
 
 
@@ -40,6 +42,12 @@ def push_tree(
             bar.update(meta["bytes"])
 
 
+def check_paths(files: dict[str, Any], dest: Path) -> None:
+    """Refuse (:class:`components.bundle.UnsafePathError`) any manifest path that would not land inside ``dest``."""
+    for rel in files:
+        safe_relpath(rel, dest)
+
+
 def pull_tree(
     store: ArtifactStore,
     bucket: str,
@@ -51,9 +59,11 @@ def pull_tree(
     """Download ``files`` from ``bucket/prefix/...`` into ``dest``, each checked against its sha256.
 
     Everything lands in a hidden sibling folder first (plus the ``extra`` files, e.g. the manifest), which is
-    renamed to ``dest`` only when complete: ``dest`` never holds a partial download.
+    renamed to ``dest`` only when complete: ``dest`` never holds a partial download. A path that would leave
+    ``dest`` is refused before anything is written.
     """
     dest = Path(dest)
+    check_paths({**files, **(extra or {})}, dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
     total = sum(meta["bytes"] for meta in files.values())

@@ -68,13 +68,20 @@ def publish(folder: Path, uri: str, marker: str = "manifest.json") -> None:
 
 
 def download_prefix(uri: str, dest: Path) -> Path:
-    """Copy every object under an S3 prefix (e.g. an evaluation report) into a local folder, verified."""
+    """Copy every object under an S3 prefix (e.g. an evaluation report) into a local folder, verified.
+
+    Every key must name a path inside ``dest``; one that does not stops the copy before it writes anything.
+    """
+    from components.bundle import safe_relpath
     from storage.registry import parse_s3_uri
 
     store = _store()
     bucket, prefix = parse_s3_uri(uri)
-    for key in store.list(bucket, prefix + "/"):
-        store.get_file(bucket, key, Path(dest) / key[len(prefix) + 1 :])
+    targets = {
+        key: safe_relpath(key[len(prefix) + 1 :], Path(dest)) for key in store.list(bucket, prefix + "/")
+    }
+    for key, target in targets.items():
+        store.get_file(bucket, key, target)
     return Path(dest)
 
 
