@@ -2,11 +2,16 @@
 
 - ``admin``: the flows and operators; everything in the ``models`` and ``datasets`` buckets.
 - ``predictor``: the inference server; read and list ``models`` only.
-- ``uploader``: cameras and uploaders; write objects into ``datasets`` only (no read, no list).
+- ``uploader``: cameras and uploaders; write objects into ``datasets`` only (no read, no list, no delete).
+
+The narrow identities get the same policy document on both servers: MinIO reads it from ``k8s/minio``, the local
+SeaweedFS server from its ``s3.json`` (``policies`` plus ``policyNames``), where an attached policy is authoritative
+and tells ``s3:PutObject`` from ``s3:DeleteObject``, which SeaweedFS's coarse ``Write`` action cannot.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,25 +37,26 @@ IDENTITIES: dict[str, Identity] = {
 }
 
 
-def seaweedfs_actions(identity: Identity) -> list[str]:
-    """SeaweedFS ``s3.json`` actions for an identity (``Write`` there also covers delete)."""
-    if identity.admin:
-        return ["Admin", "Read", "List", "Tagging", "Write"]
-    actions = [f"{verb}:{b}" for b in identity.read for verb in ("Read", "List")]
-    return actions + [f"Write:{b}" for b in identity.write]
+SEAWEEDFS_ADMIN_ACTIONS = ["Admin", "Read", "List", "Tagging", "Write"]
+
+
+def seaweedfs_identity(name: str, access: str, secret: str) -> dict[str, Any]:
+    """One SeaweedFS ``s3.json`` identity: admin by action, the others by their attached MinIO policy."""
+    doc: dict[str, Any] = {"name": name, "credentials": [{"accessKey": access, "secretKey": secret}]}
+    if IDENTITIES[name].admin:
+        return {**doc, "actions": SEAWEEDFS_ADMIN_ACTIONS}
+    return {**doc, "actions": [], "policyNames": [name]}
 
 
 def seaweedfs_config(credentials: dict[str, tuple[str, str]]) -> dict[str, Any]:
     """The SeaweedFS ``-s3.config`` document for ``{identity: (access_key, secret_key)}``."""
     return {
-        "identities": [
-            {
-                "name": name,
-                "credentials": [{"accessKey": access, "secretKey": secret}],
-                "actions": seaweedfs_actions(IDENTITIES[name]),
-            }
-            for name, (access, secret) in credentials.items()
-        ]
+        "identities": [seaweedfs_identity(name, *keys) for name, keys in credentials.items()],
+        "policies": [
+            {"name": name, "content": json.dumps(minio_policy(IDENTITIES[name]))}
+            for name in credentials
+            if not IDENTITIES[name].admin
+        ],
     }
 
 
@@ -82,11 +88,16 @@ def minio_policy(identity: Identity) -> dict[str, Any]:
             }
         )
     if identity.write:
+        objects = [f"arn:aws:s3:::{b}/*" for b in identity.write]
         statements.append(
             {
                 "Effect": "Allow",
                 "Action": ["s3:PutObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"],
-                "Resource": [f"arn:aws:s3:::{b}/*" for b in identity.write],
+                "Resource": objects,
             }
+        )
+        # write-once: what a narrow identity wrote stays (an overwrite cannot be denied by policy; see README)
+        statements.append(
+            {"Effect": "Deny", "Action": ["s3:DeleteObject", "s3:DeleteObjectVersion"], "Resource": objects}
         )
     return {"Version": "2012-10-17", "Statement": statements}
