@@ -57,6 +57,10 @@ class ChecksumError(StoreError):
     exit_code = 5
 
 
+class AlreadyExists(StoreError):
+    """A write-once object is already there (the server refused to overwrite it)."""
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     """What the store knows about one object."""
@@ -64,6 +68,23 @@ class ObjectInfo:
     key: str
     size: int
     sha256: str | None
+
+
+@dataclass(frozen=True)
+class Listed:
+    """One object as a listing shows it: size and last-modified time (Unix seconds), no checksum."""
+
+    size: int
+    modified: float
+
+
+@dataclass(frozen=True)
+class PendingUpload:
+    """A multipart upload that was started and neither completed nor aborted."""
+
+    key: str
+    upload_id: str
+    initiated: float  # Unix seconds
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -149,6 +170,10 @@ class ArtifactStore:
                 f"{what}: access denied for identity {self.settings.access_key!r} ({code}); check the "
                 "credentials, or use an identity allowed to do this (admin, predictor, uploader)"
             )
+        if code == "PreconditionFailed":
+            return AlreadyExists(
+                f"{what}: the object exists already and is write-once; nothing was overwritten"
+            )
         if code in ("EntityTooLarge", "QuotaExceeded", "XMinioStorageFull", "InsufficientStorage"):
             return StoreError(f"{what}: the S3 server is out of space ({code}); free space and retry")
         return StoreError(f"{what}: the S3 server refused ({code}: {exc.message})")
@@ -196,20 +221,25 @@ class ArtifactStore:
         return self._call(f"upload {path} to {bucket}/{key}", upload)
 
     def put_bytes(
-        self, bucket: str, key: str, data: bytes, content_type: str = "application/json"
+        self,
+        bucket: str,
+        key: str,
+        data: bytes,
+        content_type: str = "application/json",
+        if_absent: bool = False,
     ) -> ObjectInfo:
-        """Upload small bytes in one PUT (atomic for readers: they see the old or the new object)."""
+        """Upload small bytes in one PUT (atomic for readers: they see the old or the new object).
+
+        With ``if_absent`` the server itself refuses to overwrite an existing object (``If-None-Match: *``,
+        which needs no read right) and :class:`AlreadyExists` is raised.
+        """
         digest = sha256_bytes(data)
+        headers = {"Content-Type": content_type, f"x-amz-meta-{SHA_KEY}": digest}
+        if if_absent:
+            headers["If-None-Match"] = "*"
+        # minio's put_object takes no request headers; _put_object is its single-PUT step, stable across 7.x
         self._call(
-            f"upload {bucket}/{key}",
-            lambda: self.client.put_object(
-                bucket,
-                key,
-                io.BytesIO(data),
-                len(data),
-                content_type=content_type,
-                metadata={SHA_KEY: digest},
-            ),
+            f"upload {bucket}/{key}", lambda: self.client._put_object(bucket, key, data, headers=headers)
         )
         return ObjectInfo(key, len(data), digest)
 
@@ -271,6 +301,55 @@ class ArtifactStore:
             ],
         )
         yield from names
+
+    def listing(self, bucket: str, prefix: str) -> dict[str, Listed]:
+        """``{key: Listed}`` for every object under ``prefix`` (one listing, no per-object request)."""
+        objects = self._call(
+            f"list {bucket}/{prefix}",
+            lambda: list(self.client.list_objects(bucket, prefix=prefix, recursive=True)),
+        )
+        return {
+            o.object_name: Listed(int(o.size or 0), o.last_modified.timestamp() if o.last_modified else 0.0)
+            for o in objects
+        }
+
+    def pending_uploads(self, bucket: str, prefix: str) -> list[PendingUpload]:
+        """Multipart uploads under ``prefix`` that were started and never completed nor aborted."""
+        found: list[PendingUpload] = []
+        marker: str | None = None
+        while True:
+            # minio has no public call for ListMultipartUploads; _list_multipart_uploads is stable across 7.x
+            page = self._call(
+                f"list incomplete uploads in {bucket}/{prefix}",
+                lambda m=marker: self.client._list_multipart_uploads(bucket, prefix=prefix, key_marker=m),
+            )
+            found += [
+                PendingUpload(
+                    u.object_name,
+                    u.upload_id or "",
+                    u.initiated_time.timestamp() if u.initiated_time else 0.0,
+                )
+                for u in page.uploads
+            ]
+            if not page.is_truncated or not page.next_key_marker:
+                return found
+            marker = page.next_key_marker
+
+    def abort_stale_uploads(self, bucket: str, prefix: str, older_than_s: float | None = None) -> list[str]:
+        """Abort the incomplete multipart uploads under ``prefix`` (only those started over ``older_than_s``
+        seconds ago, when given); return their keys."""
+        cutoff = None if older_than_s is None else time.time() - older_than_s
+        aborted = []
+        for up in self.pending_uploads(bucket, prefix):
+            if cutoff is not None and up.initiated > cutoff:
+                continue
+            with contextlib.suppress(NotFound):  # finished or aborted meanwhile
+                self._call(
+                    f"abort upload of {bucket}/{up.key}",
+                    lambda u=up: self.client._abort_multipart_upload(bucket, u.key, u.upload_id),
+                )
+            aborted.append(up.key)
+        return aborted
 
     def delete(self, bucket: str, key: str) -> None:
         """Delete one object (no error when it is already gone)."""
