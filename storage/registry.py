@@ -52,6 +52,29 @@ def new_version(content_sha: str) -> str:
     )
 
 
+def version_time(version: str) -> float:
+    """When a version id was made (Unix seconds, from its UTC timestamp)."""
+    return float(calendar.timegm(time.strptime(version[:15], "%Y%m%dT%H%M%S")))
+
+
+def prune_versions(
+    store: ArtifactStore,
+    bucket: str,
+    name: str,
+    doomed: list[str],
+    partial: list[str],
+    stale_after_s: float,
+) -> list[str]:
+    """Delete the ``doomed`` versions and the ``partial`` ones (cut-off uploads) older than ``stale_after_s``, each
+    manifest first, then abort the incomplete multipart uploads under ``name/`` as old; return what was deleted."""
+    now = time.time()
+    doomed = doomed + [v for v in partial if now - version_time(v) > stale_after_s]
+    for version in doomed:
+        store.delete_prefix(bucket, f"{name}/{version}/", first=f"{name}/{version}/{MANIFEST}")
+    store.abort_stale_uploads(bucket, f"{name}/", older_than_s=stale_after_s)
+    return doomed
+
+
 def actor() -> str:
     """Who is acting, for history entries: ``$TOCOAD_ACTOR`` or user@host."""
     if who := os.environ.get("TOCOAD_ACTOR"):
@@ -250,7 +273,8 @@ class ModelRegistry:
         return pull_bundle(self.store, self.bucket, f"{name}/{info.version}", dest, info.manifest)
 
     def prune(self, name: str, keep: int, stale_after_s: float = 24 * 3600) -> list[str]:
-        """Delete all but the newest ``keep`` versions, never one an alias points to; drop stale partial uploads.
+        """Delete all but the newest ``keep`` versions, never one an alias points to; drop stale partial uploads
+        and abort stale incomplete multipart uploads.
 
         A version's manifest is deleted first, so a half-deleted version is never listed.
         """
@@ -259,14 +283,9 @@ class ModelRegistry:
         pinned = {rec["version"] for a in ALIASES if (rec := self.alias(name, a))}
         versions = self.versions(name)
         doomed = [v for v in versions[: max(0, len(versions) - keep)] if v not in pinned]
-        now = time.time()
-        for version in self._partial_versions(name):
-            started = calendar.timegm(time.strptime(version[:15], "%Y%m%dT%H%M%S"))
-            if now - started > stale_after_s:
-                doomed.append(version)
-        for version in doomed:
-            self.store.delete_prefix(self.bucket, f"{name}/{version}/", first=f"{name}/{version}/{MANIFEST}")
-        return doomed
+        return prune_versions(
+            self.store, self.bucket, name, doomed, list(self._partial_versions(name)), stale_after_s
+        )
 
 
 def push_bundle(

@@ -7,6 +7,7 @@ is checked (:func:`components.bundle.safe_relpath`) before anything is written.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 from tqdm import tqdm
 
 from components.bundle import safe_relpath
-from storage.store import ArtifactStore
+from storage.store import AccessDenied, ArtifactStore
 
 
 def push_tree(
@@ -28,8 +29,12 @@ def push_tree(
 ) -> None:
     """Upload ``files`` (``{relative path: {"sha256", "bytes"}}``) from ``folder`` to ``bucket/prefix/...``.
 
-    With ``resume``, files already there with the same sha256 and size are skipped (a cut-off upload continues).
+    With ``resume``, files already there with the same sha256 and size are skipped (a cut-off upload continues)
+    and the incomplete multipart uploads a cut-off run left under ``prefix`` are aborted first.
     """
+    if resume:
+        with contextlib.suppress(AccessDenied):  # an identity that may not list uploads leaves them to prune
+            store.abort_stale_uploads(bucket, f"{prefix}/")
     total = sum(meta["bytes"] for meta in files.values())
     with tqdm(
         total=total, unit="B", unit_scale=True, desc=f"upload {prefix}", disable=not store.progress

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 
@@ -108,10 +109,14 @@ def cmd_storage(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- data
 def cmd_data_push(args: argparse.Namespace) -> int:
-    """Push a folder of images as a new dataset version; print the version."""
+    """Push a folder of images as a new dataset version; print the version, and each skipped file on stderr."""
     from storage.datasets import DatasetRegistry
 
-    version = DatasetRegistry(_store(args.role)).push(Path(args.dir), args.name, note=args.note or "")
+    def report(rel: str, why: str) -> None:
+        print(f"skipped {rel}: {why}", file=sys.stderr)
+
+    reg = DatasetRegistry(_store(args.role))
+    version = reg.push(Path(args.dir), args.name, note=args.note or "", report=report)
     print(version)
     announce_dataset(args.name, version)
     return 0
@@ -132,17 +137,21 @@ def announce_dataset(name: str, version: str) -> None:
 
 
 def cmd_data_list(args: argparse.Namespace) -> int:
-    """List datasets and their versions."""
+    """List datasets and their versions; a version whose files do not match its manifest shows as damaged."""
     from storage.datasets import DatasetRegistry
 
     reg = DatasetRegistry(_store())
     for name in [args.name] if args.name else reg.names():
         for version in reg.versions(name):
             m = reg.manifest(name, version)
-            status = reg.get_extra(name, version, "status.json")
-            state = json.loads(status)["state"] if status else "-"
+            if problems := reg.check(name, version, m):
+                state = f"damaged ({len(problems)} problem(s): {problems[0]})"
+            else:
+                status = reg.get_extra(name, version, "status.json")
+                state = json.loads(status)["state"] if status else "-"
             print(
-                f"{name}\t{version}\t{m['count']} images\t{m['bytes'] / 1e6:.1f} MB\t{state}\t{m.get('note', '')}"
+                f"{name}\t{version}\t{m.get('count')} images\t{m.get('bytes', 0) / 1e6:.1f} MB\t{state}\t"
+                f"{m.get('note', '')}"
             )
     return 0
 
@@ -222,10 +231,28 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_models_prune(args: argparse.Namespace) -> int:
-    """Delete old versions, keeping the newest N and every aliased one."""
-    deleted = _registry().prune(args.name, args.keep)
+    """Delete old versions, keeping the newest N and every aliased one; drop stale cut-off uploads."""
+    deleted = _registry().prune(args.name, args.keep, stale_after_s=args.stale_hours * 3600)
     print(f"deleted {len(deleted)} version(s): {' '.join(deleted) or '-'}")
     return 0
+
+
+def cmd_data_prune(args: argparse.Namespace) -> int:
+    """Drop stale cut-off pushes and incomplete uploads of a dataset (and old versions with --keep)."""
+    from storage.datasets import DatasetRegistry
+
+    deleted = DatasetRegistry(_store()).prune(args.name, args.keep, stale_after_s=args.stale_hours * 3600)
+    print(f"deleted {len(deleted)} version(s): {' '.join(deleted) or '-'}")
+    return 0
+
+
+def _stale_option(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--stale-hours",
+        type=float,
+        default=24.0,
+        help="cut-off uploads older than this are removed (default 24; 0 removes every one, even a running one)",
+    )
 
 
 def register_trained(bundle: Path, name: str, keep: int | None) -> str:
@@ -246,7 +273,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("action", choices=["up", "status", "down"])
     sp.set_defaults(func=cmd_storage)
 
-    data = sub.add_parser("data", help="dataset registry: push | list | fetch").add_subparsers(
+    data = sub.add_parser("data", help="dataset registry: push | list | fetch | prune").add_subparsers(
         dest="data_cmd", required=True
     )
     sp = data.add_parser("push", help="upload a folder of images as a new dataset version (prints it)")
@@ -262,6 +289,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("ref")
     sp.add_argument("--out", help="folder (default: the local cache)")
     sp.set_defaults(func=cmd_data_fetch)
+    sp = data.add_parser(
+        "prune", help="drop cut-off pushes and stale incomplete uploads (old versions: --keep)"
+    )
+    sp.add_argument("name")
+    sp.add_argument("--keep", type=int, help="also delete all but the newest N committed versions")
+    _stale_option(sp)
+    sp.set_defaults(func=cmd_data_prune)
 
     models = sub.add_parser("models", help="model registry: list | show | promote | rollback | pull | prune")
     msub = models.add_subparsers(dest="models_cmd", required=True)
@@ -293,4 +327,5 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     sp = msub.add_parser("prune", help="delete old versions (never an aliased one)")
     sp.add_argument("name")
     sp.add_argument("--keep", type=int, default=10)
+    _stale_option(sp)
     sp.set_defaults(func=cmd_models_prune)
