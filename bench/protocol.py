@@ -42,11 +42,11 @@ from components.calibration import fit_level
 from components.config import TocoadConfig
 from components.datasets import discover
 from components.evaluate import detection_metrics
-from components.fusion import WEIGHTS, Fusion, choose_fusion, d_patch_map, patch_labels
+from components.fusion import WEIGHTS, choose_fusion, d_patch_map, patch_labels
 from components.memory_bank import coreset_indices
 from components.metrics import image_auroc, pixel_auroc
 from components.nn_index import build_index
-from components.out_of_fold import out_of_fold_scores
+from components.out_of_fold import assign_folds, out_of_fold_scores
 from components.patch_features import embed_images
 from components.pipeline import (
     _backbone_args,
@@ -174,42 +174,30 @@ def _fused_cell(
     bank = np.ascontiguousarray(flat[rows])
     index = build_index(bank, kind=cfg.bank.index)
     bank_s = time.perf_counter() - start
-    folds = out_of_fold_scores(
-        flat,
-        grid,
-        cfg.bank,
-        cfg.calibration.folds,
-        seed,
-        rows,
-        False,
-        _flat(fuse["synthetic"]),
-        fuse["source"],
-    )
+    c = cfg.calibration
+    synth = _flat(fuse["synthetic"])
+    folds = out_of_fold_scores(flat, grid, cfg.bank, c.folds, seed, rows, False, synth, fuse["source"])
+    held = fuse["held_out"]
+    knn_held = folds.patch[held]
     fusion = choose_fusion(
-        folds.patch, fuse["d_train"], folds.extra_patch, fuse["d_synthetic"], fuse["labels"], FUSION_MIN_GAIN
+        knn_held, fuse["d_held"], folds.extra_patch, fuse["d_synthetic"], fuse["labels"], FUSION_MIN_GAIN
     )
+    start = time.perf_counter()
     knn_test = patch_distances(index, _flat(test_emb), grid)
-    patch = fusion(knn_test, fuse["d_test"])
-    scores = patch.reshape(len(patch), -1).max(1).astype(np.float64)
+    scores = fusion.image_scores(knn_test, fuse["d_test"])
+    patch = fusion.map_patches(knn_test, fuse["d_test"])
+    query_ms = 1000 * (time.perf_counter() - start) / len(test_emb)  # D's forward pass not included
     size = (cfg.data.image_size, cfg.data.image_size)
     maps = anomaly_map(torch.from_numpy(patch), size, cfg.bank.blur_sigma).numpy()
-    normal = fusion(folds.patch, fuse["d_train"]).reshape(len(folds.patch), -1).max(1)
-    c = cfg.calibration
+    normal = fusion.image_scores(
+        knn_held, fuse["d_held"]
+    )  # honest for D only on the images it did not train on
     thr = fit_level(normal, quantile=1.0 - c.false_alarm_rate, fence=c.outlier_iqr).threshold
     metrics = detection_metrics(test["labels"], scores, test["masks"], maps, thr, c.false_alarm_rate)
-    knn_only = detection_metrics(
-        test["labels"],
-        knn_test.reshape(len(knn_test), -1).max(1),
-        test["masks"],
-        anomaly_map(torch.from_numpy(knn_test), size, cfg.bank.blur_sigma).numpy(),
-        None,
-        None,
-    )
     # Diagnostic only (never used to pick anything): what each weight would have given on the test set.
     by_weight = {}
     for w in WEIGHTS:
-        f = Fusion(w, fusion.knn, fusion.d)
-        p = f(knn_test, fuse["d_test"])
+        p = fusion.patch(knn_test, fuse["d_test"], w)
         m = anomaly_map(torch.from_numpy(p), size, cfg.bank.blur_sigma).numpy()
         by_weight[str(w)] = [
             round(100 * image_auroc(test["labels"], p.reshape(len(p), -1).max(1)), 2),
@@ -218,51 +206,64 @@ def _fused_cell(
     return {
         "metrics": metrics,
         "test_scores": np.round(scores, 4).tolist(),  # to see where the threshold sits among the test images
-        "knn_only_metrics": knn_only,
         "test_by_weight_diagnostic": by_weight,
         "fusion": fusion.to_dict(),
         "threshold": thr,
         "out_of_fold_scores": normal.round(4).tolist(),
         "bank_patches": len(bank),
         "bank_s": bank_s,
+        "query_ms": query_ms,
     }
 
 
 FUSION_MIN_GAIN = 0.005  # a weight of D above 0 must beat kNN alone by half a point on the held-out family
-FUSION_VALIDATION_KIND = "cutpaste"  # D trains on Perlin blends; its weight is judged on another family
-FUSION_SYNTHETIC = 128  # held-out-family synthetic anomalies made from training images
+FUSION_VALIDATION_KIND = "cutpaste"  # D trains on Perlin blends; its weights are judged on another family
+FUSION_PER_IMAGE = 2  # held-out-family synthetic anomalies made from each held-out training image
 
 
-def d_inputs(cfg: TocoadConfig, disc, frozen, train, test_samples, grid: tuple[int, int]) -> dict:
-    """D's patch maps of the training and test images, and held-out-family synthetic anomalies (embeddings, D's
-    maps, patch labels, source training image) for :func:`components.fusion.choose_fusion`."""
+def held_out_images(n: int, cfg: TocoadConfig) -> np.ndarray:
+    """Indices of the training images D does not train on (one of ``calibration.folds`` folds, by training seed):
+    they validate the fusion."""
+    return np.flatnonzero(assign_folds(n, cfg.calibration.folds, cfg.runtime.seed + 7) == 0)
+
+
+def d_inputs(cfg: TocoadConfig, disc, frozen, train, held: np.ndarray, test_samples, grid) -> dict:
+    """D's patch maps of the held-out and test images, and held-out-family synthetic anomalies of the held-out
+    images (embeddings, D's maps, patch labels, source image) for :func:`components.fusion.choose_fusion`."""
     b = cfg.bank
-    out: dict = {"d_train": [], "d_test": [], "synthetic": [], "d_synthetic": [], "labels": []}
+    held_samples = [train[i] for i in held]
+    out: dict = {"d_held": [], "d_test": [], "synthetic": [], "d_synthetic": [], "labels": []}
+    gen = generator_from_config(
+        cfg.with_overrides([f"generator.kind={FUSION_VALIDATION_KIND}"]), anomaly_prob=1.0
+    )
+    rng = torch.Generator().manual_seed(cfg.runtime.seed + 3)
     with torch.no_grad():
-        for key, samples in (("d_train", train), ("d_test", test_samples)):
+        for key, samples in (("d_held", held_samples), ("d_test", test_samples)):
             for batch in data_loader(cfg, samples, cfg.runtime.batch_size, shuffle=False):
                 out[key].append(d_patch_map(disc, batch["image"], grid))
-        count = min(FUSION_SYNTHETIC, len(train))
-        pick = np.sort(np.random.default_rng(cfg.runtime.seed + 3).choice(len(train), count, replace=False))
-        gen = generator_from_config(
-            cfg.with_overrides([f"generator.kind={FUSION_VALIDATION_KIND}"]), anomaly_prob=1.0
-        )
-        rng = torch.Generator().manual_seed(cfg.runtime.seed + 3)
-        for batch in data_loader(cfg, [train[i] for i in pick], cfg.runtime.batch_size, shuffle=False):
-            synth = gen(batch["image"], rng)
-            out["synthetic"].append(embed_images(frozen, synth.image, b.aggregation, b.feature_dim).float())
-            out["d_synthetic"].append(d_patch_map(disc, synth.image, grid))
-            out["labels"].append(patch_labels(synth.mask, grid))
+        for _ in range(FUSION_PER_IMAGE):
+            for batch in data_loader(cfg, held_samples, cfg.runtime.batch_size, shuffle=False):
+                synth = gen(batch["image"], rng)
+                out["synthetic"].append(
+                    embed_images(frozen, synth.image, b.aggregation, b.feature_dim).float()
+                )
+                out["d_synthetic"].append(d_patch_map(disc, synth.image, grid))
+                out["labels"].append(patch_labels(synth.mask, grid))
     fuse = {k: (torch.cat(v) if k == "synthetic" else np.concatenate(v)) for k, v in out.items()}
-    fuse["source"] = pick
+    fuse["held_out"] = held
+    fuse["source"] = np.tile(held, FUSION_PER_IMAGE)
     return fuse
 
 
-def train_d(cfg: TocoadConfig, data):
-    """Stage D as ``tocoad train`` runs it for ``cfg.runtime.seed`` (CPU)."""
+def train_d(cfg: TocoadConfig, data, exclude: np.ndarray | None = None):
+    """Stage D as ``tocoad train`` runs it for ``cfg.runtime.seed`` (CPU), without the training images
+    ``exclude``."""
     from components.discriminator import train_discriminator
 
     train, _ = training_split(cfg, data)
+    if exclude is not None:
+        skip = set(exclude.tolist())
+        train = [s for i, s in enumerate(train) if i not in skip]
     loader = data_loader(cfg, train, cfg.stage_d.batch_size, shuffle=True)
     torch.manual_seed(cfg.runtime.seed)
     disc, _ = train_discriminator(cfg, loader, generator_from_config(cfg), torch.device("cpu"))
@@ -343,8 +344,9 @@ def run_set(
                 tr, te, train_s = train_emb, test_emb, 0.0
             if name == "fusion":
                 start = time.perf_counter()
-                disc = train_d(cfg, data)
-                fuse = d_inputs(cfg, disc, frozen, train, data.test, tuple(train_emb.shape[-2:]))
+                held = held_out_images(len(train), cfg)
+                disc = train_d(cfg, data, exclude=held)
+                fuse = d_inputs(cfg, disc, frozen, train, held, data.test, tuple(train_emb.shape[-2:]))
                 train_s = time.perf_counter() - start
             for k in coreset_seeds:
                 key = f"{name}/{t}/{k}"

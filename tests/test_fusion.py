@@ -34,27 +34,39 @@ def test_scale_puts_normal_median_at_zero_and_q99_at_one():
 def test_choose_fusion_gives_d_weight_where_d_sees_the_anomalies():
     knn_n, d_n, knn_s, d_s, labels = _maps(0)
     fusion = choose_fusion(knn_n, d_n, knn_s, d_s, labels, min_gain=0.005)
-    assert fusion.weight > 0
-    assert fusion.validation[str(fusion.weight)] > fusion.validation["0.0"] + 0.005
+    assert fusion.pixel_weight > 0
+    pixel = fusion.validation["pixel"]
+    assert pixel[str(fusion.pixel_weight)] >= pixel["0.0"] + 0.005
+
+
+def test_choose_fusion_weighs_image_and_map_apart():
+    """D localises the anomalies but also fires on one patch of some normal images: the map takes D, the image
+    score (its maximum over patches) must not."""
+    knn_n, d_n, knn_s, d_s, labels = _maps(3)
+    d_n[::2, 7, 7] = 1.0  # half the normal images carry one patch where D fires hard
+    knn_s[:, 1:5, 1:5] += 4.0  # kNN tells synthetic images from normal ones, but blurs past the anomaly
+    fusion = choose_fusion(knn_n, d_n, knn_s, d_s, labels, min_gain=0.005)
+    assert fusion.pixel_weight > 0 and fusion.image_weight == 0.0
+    assert np.allclose(fusion.image_scores(knn_s, d_s), fusion.knn(knn_s).reshape(len(knn_s), -1).max(1))
 
 
 def test_choose_fusion_keeps_knn_alone_where_d_is_noise():
     knn_n, d_n, knn_s, _, labels = _maps(1)
-    d_noise = np.random.default_rng(2).uniform(0.0, 1.0, knn_s.shape).astype(np.float32)
+    d_noise = np.random.default_rng(2).uniform(0.0, 0.1, knn_s.shape).astype(np.float32)  # as on normal images
     knn_s = knn_s + 3.0 * labels  # kNN separates them by itself
     fusion = choose_fusion(knn_n, d_n, knn_s, d_noise, labels, min_gain=0.005)
-    assert fusion.weight == 0.0
-    fused = fusion(knn_s, d_noise)
-    assert np.allclose(fused, fusion.knn(knn_s))  # w = 0: D's map does not enter
+    assert fusion.image_weight == 0.0 and fusion.pixel_weight == 0.0
+    assert np.allclose(fusion.map_patches(knn_s, d_noise), fusion.knn(knn_s))  # w = 0: D's map does not enter
     with pytest.raises(ValueError, match="cover no patch"):
         choose_fusion(knn_n, d_n, knn_s, d_noise, np.zeros_like(labels), min_gain=0.005)
 
 
 def test_fusion_round_trips_and_mixes_the_scaled_maps():
-    f = Fusion(0.3, Scale(1.0, 2.0), Scale(0.1, 0.5), {"0.0": 0.9})
+    f = Fusion(0.0, 0.3, Scale(1.0, 2.0), Scale(0.1, 0.5), {"pixel": {"0.0": 0.9}})
     assert Fusion.from_dict(f.to_dict()) == f
     knn, d = np.full((1, 2, 2), 5.0), np.full((1, 2, 2), 0.6)
-    assert f(knn, d) == pytest.approx(np.full((1, 2, 2), 0.7 * 2.0 + 0.3 * 1.0))
+    assert f.map_patches(knn, d) == pytest.approx(np.full((1, 2, 2), 0.7 * 2.0 + 0.3 * 1.0))
+    assert f.image_scores(knn, d) == pytest.approx([2.0])
 
 
 def test_d_patch_map_and_patch_labels_pool_to_the_grid():

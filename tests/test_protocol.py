@@ -90,8 +90,12 @@ def test_protocol_fusion_variant_trains_d_once_and_records_its_weight(serve_data
     assert sorted(cells) == ["frozen/0/0", "frozen/0/1", "fusion/0/0", "fusion/0/1"]
     for key in ("fusion/0/0", "fusion/0/1"):
         cell = cells[key]
-        assert 0.0 <= cell["fusion"]["weight"] <= 1.0 and "0.0" in cell["fusion"]["validation"]
+        fusion = cell["fusion"]
+        assert 0.0 <= fusion["image_weight"] <= 1.0 and 0.0 <= fusion["pixel_weight"] <= 1.0
+        assert set(fusion["validation"]) == {"image", "pixel"}
         assert cell["threshold"] is not None  # the fused cell always scores the fold banks
-        assert len(cell["out_of_fold_scores"]) == len(cells["frozen/0/0"]["out_of_fold_scores"])
-    # the kNN part of the fused cell is the frozen cell's bank under the same coreset seed
-    assert cells["fusion/0/1"]["knn_only_metrics"]["pixel_auroc"] == cells["frozen/0/1"]["metrics"]["pixel_auroc"]
+        # the threshold comes from the training images D did not train on: one fold of three
+        assert 0 < len(cell["out_of_fold_scores"]) < len(cells["frozen/0/0"]["out_of_fold_scores"])
+    # at weight 0 the fused cell is the frozen cell's bank under the same coreset seed
+    knn_only = cells["fusion/0/1"]["test_by_weight_diagnostic"]["0.0"]
+    assert knn_only[1] == round(cells["frozen/0/1"]["metrics"]["pixel_auroc"], 2)
