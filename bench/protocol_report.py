@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from statistics import fmean, stdev
 
@@ -47,7 +48,7 @@ def summarise(results: dict) -> dict:
     for variant in dict.fromkeys(c["variant"] for c in cells):
         mine = [c for c in cells if c["variant"] == variant]
         row: dict = {"description": mine[0]["description"], "train_s": fmean(c["train_s"] for c in mine)}
-        row["query_ms"] = fmean(c["query_ms"] for c in mine)
+        row["query_ms"] = fmean([c["query_ms"] for c in mine if "query_ms" in c] or [math.nan])
         row["bank_patches"] = fmean(c["bank_patches"] for c in mine)
         checks = [threshold_verdict(c["metrics"]) for c in mine]
         row["threshold_target"] = ", ".join(sorted({v for v in checks if v})) or "–"
