@@ -176,9 +176,17 @@ def _open_lazy(data: bytes, source: str) -> Image.Image:
             ) from exc
 
 
-def image_size(data: bytes, source: str = "<bytes>") -> tuple[int, int]:
-    """The (width, height) an image's header declares, without decoding pixels; :class:`ImageError` if unreadable."""
+def image_size(
+    data: bytes,
+    source: str = "<bytes>",
+    max_pixels: int = 40_000_000,
+    max_side: int = 16384,
+    min_side: int = 8,
+) -> tuple[int, int]:
+    """The (width, height) an image's header declares, checked against the limits of :func:`decode_image`
+    without decoding a pixel; :class:`ImageError` when unreadable or outside them."""
     with _open_lazy(data, source) as im:
+        _check_size(im.size, source, max_pixels, max_side, min_side)
         return im.size
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from kserve import Model
-from kserve.errors import InvalidInput
+from kserve.errors import InvalidInput, ModelNotReady
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from PIL import Image
 from scipy import ndimage
@@ -32,7 +32,7 @@ from scipy import ndimage
 from components.predict import describe_scores, prepare
 from components.profile import image_statistics
 from serving.drift import STATS, DriftMonitor
-from serving.inputs import BadRequest, Batch, parse_raw, parse_v1, parse_v2
+from serving.inputs import BadRequest, Batch, Limits, parse_body, parse_v1, parse_v2
 from serving.loading import LoadedModel, load_model
 from serving.metrics import PredictorMetrics, default_metrics
 from serving.settings import ServingSettings
@@ -62,6 +62,7 @@ class TocoadPredictor(Model):
     def __init__(self, name: str, storage_uri: str, settings: ServingSettings | None = None,
                  metrics: PredictorMetrics | None = None):  # fmt: skip
         super().__init__(name)
+        self.origin = storage_uri  # what the server was started for: reloads may name only this model
         self.storage_uri = storage_uri
         self.settings = settings or ServingSettings()
         self.metrics = metrics or default_metrics()
@@ -69,6 +70,7 @@ class TocoadPredictor(Model):
         self.drift: DriftMonitor | None = None
         self._labels: deque[bool] = deque(maxlen=self.settings.defect_window)
         self._reload_lock = threading.Lock()
+        self._decoding = asyncio.Semaphore(self.settings.max_concurrent_decodes)
         self.metrics.reload_age.labels(name).set_function(
             lambda: time.time() - self.current.loaded_at if self.current else 0.0
         )
@@ -77,8 +79,20 @@ class TocoadPredictor(Model):
     def load(self) -> bool:
         """Load and warm up the model at ``storage_uri``; ready only afterwards."""
         self.reload(self.storage_uri)
-        self.ready = True
         return self.ready
+
+    async def healthy(self) -> bool:
+        """Ready only while a model is loaded."""
+        return self.ready and self.current is not None
+
+    def unload(self) -> None:
+        """Stop serving: not ready, no model in memory, until :meth:`load` runs again."""
+        with self._reload_lock:
+            self.ready = False
+            old, self.current = self.current, None
+            if old is not None:
+                self._forget(old)
+                log.info("unloaded %s version %s", self.name, old.version)
 
     def reload(self, uri: str | None = None) -> LoadedModel:
         """Load ``uri`` (default: the current storage URI) beside the served model, then swap atomically."""
@@ -97,6 +111,7 @@ class TocoadPredictor(Model):
             self._labels = deque(maxlen=self.settings.defect_window)
             self.current = new  # the swap: one reference assignment
             self.storage_uri = uri
+            self.ready = True
             if old is not None and old.version != new.version:
                 self._forget(old)
             self.metrics.info.labels(self.name, new.version, new.uri).set(1)
@@ -130,16 +145,18 @@ class TocoadPredictor(Model):
 
     # ------------------------------------------------------------------ predict
     async def predict(self, payload: Any, headers: dict[str, str] | None = None) -> Any:
-        """Score a V1, V2 or raw-image request (the scoring runs in a worker thread)."""
+        """Score a V1, V2 or raw-image request: decoding and scoring run in a worker thread, never on the event
+        loop, at most ``max_concurrent_decodes`` requests at once."""
         start = time.perf_counter()
         loaded = self.current  # this request finishes on this model, whatever reloads meanwhile
+        if loaded is None:
+            raise ModelNotReady(self.name, "No model is loaded.")
         try:
-            batch = self._parse(payload, headers or {})
+            async with self._decoding:
+                batch, results = await asyncio.to_thread(self._run, loaded, payload, headers or {})
         except BadRequest as exc:
             self._error(exc.kind)
             raise InvalidInput(str(exc)) from None
-        try:
-            results = await asyncio.to_thread(self._score, loaded, batch)
         except Exception:
             self._error("internal")
             raise
@@ -153,6 +170,11 @@ class TocoadPredictor(Model):
         """Accept any payload here: :meth:`predict` checks it and explains what is wrong."""
         return payload
 
+    async def explain(self, payload: Any, headers: dict[str, str] | None = None) -> Any:
+        """No explainer: the anomaly map (``"parameters": {"return_map": true}``) shows where and why."""
+        self._error("bad_request")
+        raise NotImplementedError("this predictor has no explainer; ask for the anomaly map with return_map")
+
     def _error(self, kind: str) -> None:
         holder = ERROR_KIND.get()
         if holder is None:  # called in-process, not over HTTP: count here
@@ -160,14 +182,19 @@ class TocoadPredictor(Model):
         else:
             holder["kind"] = kind
 
-    def _parse(self, payload: Any, headers: dict[str, str]) -> Batch:
+    def _run(self, loaded: LoadedModel, payload: Any, headers: dict[str, str]) -> tuple[Batch, list[dict]]:
+        batch = self._parse(payload, headers, Limits.for_model(self.settings, loaded.model.image_size))
+        return batch, self._score(loaded, batch)
+
+    @staticmethod
+    def _parse(payload: Any, headers: dict[str, str], limits: Limits) -> Batch:
         if isinstance(payload, InferRequest):
-            return parse_v2(payload, self.settings)
+            return parse_v2(payload, limits)
         if isinstance(payload, dict):
-            return parse_v1(payload, self.settings)
+            return parse_v1(payload, limits)
         if isinstance(payload, bytes | bytearray):
             content_type = {k.lower(): v for k, v in headers.items()}.get("content-type", "")
-            return parse_raw(bytes(payload), content_type, self.settings)
+            return parse_body(bytes(payload), content_type, limits)
         raise BadRequest("bad_request", "send V1 JSON, a V2 inference request, or an image body")
 
     def _score(self, loaded: LoadedModel, batch: Batch) -> list[dict[str, Any]]:
