@@ -65,11 +65,12 @@ def _check_head(scope: Scope, max_header: int, max_body: int) -> None:
                       _CLOSE)  # fmt: skip
     length = dict(scope.get("headers", ())).get(b"content-length")
     if length is not None and (not length.isdigit() or int(length) > max_body):
-        raise Refusal(413, f"request body of {short(length.decode('latin-1'))} bytes is above the "
-                      f"{max_body}-byte limit", "too_large", _CLOSE)  # fmt: skip
+        raise Refusal(
+            413, f"the declared request body is above the {max_body}-byte limit", "too_large", _CLOSE
+        )
 
 
-async def read_body(receive: Receive, limit: int) -> bytes:
+async def _read_body(receive: Receive, limit: int) -> bytes:
     """The whole body, counted chunk by chunk; :class:`Refusal` (413) as soon as it passes ``limit``."""
     chunks, size = [], 0
     while True:
@@ -107,7 +108,7 @@ class Guard:
         settings = self.predictor.settings
         try:
             _check_head(scope, settings.max_header_bytes, settings.max_body_bytes)
-            body = await read_body(receive, settings.max_body_bytes)
+            body = await _read_body(receive, settings.max_body_bytes)
             scope = self._route(scope)
         except _ClientGone:
             return None
