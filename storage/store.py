@@ -142,18 +142,20 @@ class ArtifactStore:
             try:
                 return fn()
             except S3Error as exc:
-                raise self._s3_error(what, exc) from None
+                if not _transient(exc):
+                    raise self._s3_error(what, exc) from None
+                detail = f"{exc.code}, HTTP {getattr(exc.response, 'status', '?')}"
             except (ServerError, InvalidResponseError, urllib3.exceptions.HTTPError, ConnectionError) as exc:
                 status = getattr(exc, "status_code", None) or getattr(exc, "_code", None)
-                if attempt == self.settings.retries:
-                    detail = f"HTTP {status}" if status else type(exc).__name__
-                    raise StoreUnavailable(
-                        f"{what}: the S3 server at {self.settings.url} is unreachable or failing ({detail}) "
-                        f"after {attempt} attempts; check TOCOAD_S3_ENDPOINT, or `tocoad storage status` for "
-                        "the local server"
-                    ) from None
-                time.sleep(delay)
-                delay = min(delay * 2, 8.0)
+                detail = f"HTTP {status}" if status else type(exc).__name__
+            if attempt == self.settings.retries:
+                raise StoreUnavailable(
+                    f"{what}: the S3 server at {self.settings.url} is unreachable or failing ({detail}) "
+                    f"after {attempt} attempts; check TOCOAD_S3_ENDPOINT, or `tocoad storage status` for "
+                    "the local server"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 8.0)
         raise AssertionError("unreachable")
 
     def _s3_error(self, what: str, exc: S3Error) -> StoreError:
@@ -375,6 +377,12 @@ class ArtifactStore:
             "access_key": self.settings.access_key,
             "local": self.settings.local,
         }
+
+
+def _transient(exc: S3Error) -> bool:
+    """An S3 error answer worth retrying: a 5xx (e.g. InternalError while a server starts) or a throttle."""
+    status = getattr(exc.response, "status", 0) or 0
+    return status >= 500 or exc.code in ("SlowDown", "RequestTimeout")
 
 
 def _check(name: str, actual: str, expected: str | None, recorded: str | None) -> None:
