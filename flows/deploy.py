@@ -7,6 +7,8 @@ import os
 import urllib.error
 import urllib.request
 
+from serving.control import control_headers
+
 
 def deploy_version(model_name: str, storage_uri: str, cluster: bool) -> str:
     """Point the serving side at ``storage_uri``; return what was done, in words."""
@@ -21,7 +23,7 @@ def deploy_version(model_name: str, storage_uri: str, cluster: bool) -> str:
     request = urllib.request.Request(
         f"{url.rstrip('/')}/v2/models/{served}/reload",
         data=json.dumps({"storage_uri": storage_uri}).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **control_headers()},
         method="POST",
     )
     try:

@@ -382,8 +382,9 @@ def test_reload_of_a_corrupt_bundle_is_refused_in_process(serve_bundles):
 
 def test_serves_the_registry_production_alias_and_follows_a_promotion(s3_server, serve_bundles, serve_data,
                                                                      tmp_path, monkeypatch):  # fmt: skip
-    """The predictor identity pulls `production` through the registry; a reload with the control token (what the
-    flow's local deploy sends, once flows/deploy.py passes serving.control.control_headers()) follows a promotion."""
+    """The predictor identity pulls `production` through the registry; the flow's local deploy (a reload with the
+    control token) follows a promotion."""
+    from flows.deploy import deploy_version
     from storage.registry import ModelRegistry
     from storage.store import ArtifactStore
 
@@ -403,9 +404,9 @@ def test_serves_the_registry_production_alias_and_follows_a_promotion(s3_server,
         assert version() == first
         registry.promote("served", second)
         monkeypatch.setenv("TOCOAD_SERVE_CONTROL_TOKEN_FILE", token)
-        r = httpx.post(f"{server.url}/v2/models/tocoad/reload", json={"storage_uri": registry.uri("served", second)},
-                       headers=control_headers(), timeout=120)  # fmt: skip
-        assert r.status_code == 200 and version() == second
+        monkeypatch.setenv("TOCOAD_PREDICTOR_URL", server.url)
+        assert "HTTP 200" in deploy_version("served", registry.uri("served", second), cluster=False)
+        assert version() == second
         info = _metrics(server.url)
         assert _sum(info, "tocoad_model_info", version=second) == 1 and _sum(info, "tocoad_model_info") == 1
     finally:

@@ -12,6 +12,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from serving.control import control_headers
+
 SHOWN = ("tocoad_predictions_total", "tocoad_defect_rate", "tocoad_model_info", "tocoad_drift_window_images",
          "tocoad_request_errors_total")  # fmt: skip
 
@@ -28,7 +30,8 @@ def _port(preferred: int = 8080) -> int:
 
 def _call(url: str, body: dict | None = None, timeout: float = 60) -> str:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **control_headers()}
+    req = urllib.request.Request(url, data=data, headers=headers)
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return resp.read().decode()
 
