@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -18,6 +19,8 @@ import subprocess
 import sys
 import sysconfig
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,9 @@ _PORT_FLAGS = (
     "admin.port",
     "admin.port.grpc",
 )
+
+
+VOLUME_WAIT_S = 30.0  # after a restart, wait this long at most for the volumes on disk to register
 
 
 class LocalServerError(RuntimeError):
@@ -98,6 +104,21 @@ def _pid_alive(pid: int) -> bool:
         if stat.rsplit(")", 1)[1].split()[0] == "Z":
             return False
     return True
+
+
+_VOLUME_FILE = re.compile(r"^(?:.+_)?(\d+)\.dat$")  # <collection>_<id>.dat or <id>.dat
+
+
+def _volume_ids(node: Any) -> Iterator[int]:
+    """Every volume ``Id`` in the master's ``/vol/status`` document."""
+    if isinstance(node, dict):
+        if isinstance(node.get("Id"), int):
+            yield node["Id"]
+        for value in node.values():
+            yield from _volume_ids(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _volume_ids(value)
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -229,6 +250,15 @@ class LocalS3:
                 time.sleep(0.2)
         return dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS)), strict=True))
 
+    def _volumes_known(self, master_port: int) -> bool:
+        """Whether the master knows every volume on disk: until then, after a restart, reads of the objects stored
+        there fail with InternalError ("volume not found")."""
+        on_disk = {int(m.group(1)) for f in self.data_dir.glob("*.dat") if (m := _VOLUME_FILE.match(f.name))}
+        if not on_disk:
+            return True
+        with urllib.request.urlopen(f"http://127.0.0.1:{master_port}/vol/status", timeout=5) as resp:
+            return on_disk <= set(_volume_ids(json.load(resp)))
+
     def _wait_ready(
         self, proc: subprocess.Popen, state: dict, admin: tuple[str, str], timeout: float
     ) -> None:
@@ -236,6 +266,9 @@ class LocalS3:
 
         client = Minio(state["endpoint"], admin[0], admin[1], secure=False, region="us-east-1")
         deadline = time.monotonic() + timeout
+        volumes_deadline = time.monotonic() + min(
+            timeout / 2, VOLUME_WAIT_S
+        )  # then the store's retries cover it
         last: Exception | None = None
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -246,10 +279,11 @@ class LocalS3:
                 for bucket in BUCKETS:
                     if not client.bucket_exists(bucket):
                         client.make_bucket(bucket)
-                return
+                if time.monotonic() > volumes_deadline or self._volumes_known(state["ports"]["master.port"]):
+                    return
             except Exception as exc:  # noqa: BLE001 - not up yet: connection refused, 503, ...
                 last = exc
-                time.sleep(0.3)
+            time.sleep(0.3)
         proc.kill()
         raise LocalServerError(
             f"the local S3 server did not answer within {timeout:.0f} s ({last}); see {self.log_file}"
