@@ -78,7 +78,9 @@ def patch_pool(data: Path, variants: int = 1, cfg: TocoadConfig | None = None) -
     chunks, start = [], time.perf_counter()
     for batch in loader:
         for v in range(variants):
-            emb = patch_embedding(f(_variant(batch["image"], v)), cfg.bank.aggregation, cfg.bank.feature_dim)
+            emb = patch_embedding(
+                f(_variant(batch["image"], v)), cfg.bank.aggregation, cfg.bank.feature_dim, cfg.bank.border
+            )
             chunks.append(flatten_patches(emb).float().numpy())
     return np.concatenate(chunks), time.perf_counter() - start
 
@@ -106,7 +108,7 @@ def test_queries(data: Path, n: int | None = None, cfg: TocoadConfig | None = No
     loader = data_loader(cfg.with_overrides(["runtime.num_workers=0"]), test, 16, False)
     queries, labels, masks, grid = [], [], [], (0, 0)
     for batch in loader:
-        emb = patch_embedding(f(batch["image"]), cfg.bank.aggregation, cfg.bank.feature_dim)
+        emb = patch_embedding(f(batch["image"]), cfg.bank.aggregation, cfg.bank.feature_dim, cfg.bank.border)
         grid = tuple(emb.shape[-2:])
         queries.append(flatten_patches(emb).float().numpy().reshape(len(emb), -1, emb.shape[1]))
         labels.append(np.asarray(batch["label"]))

@@ -6,7 +6,7 @@
 
 What it runs, per data set:
 
-1. F's frozen patch embeddings of every training and test image, once (cached in ``<out>/cache``).
+1. F's frozen patch embeddings of every training and test image, once (cached in ``<out>/cache_<F>_<border>.pt``).
 2. For each variant and training seed: stage 2 as ``tocoad train`` would run it with that seed (the adaptor trains
    from the cached embeddings plus G's synthetic images of that seed; ``finetune`` variants fine-tune F's blocks
    and re-embed the images). ``frozen`` has nothing to train: it is the same for every training seed.
@@ -81,6 +81,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         "fine-tuned F blocks, geometric views only",
         ["contrastive.mode=finetune", "contrastive.photometric=false"],
     ),
+    "zeros": (
+        "frozen F, border patches averaged with the zero padding (PatchCore's AvgPool2d; today's default)",
+        ["contrastive.enabled=false", "bank.border=zeros"],
+    ),
     "fusion": (
         "frozen F + D's map fused with the kNN map (weight from cutpaste anomalies)",
         ["contrastive.enabled=false", "stage_d.enabled=true"],
@@ -102,7 +106,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 }
 
 
-FROZEN_VARIANTS = {"frozen", "lite2", "proj128", "reweight", "coreset5", "coreset10"}  # nothing to train
+FROZEN_VARIANTS = {"frozen", "zeros", "lite2", "proj128", "reweight", "coreset5", "coreset10"}  # nothing to train
 
 
 def embed_all(cfg: TocoadConfig, extractor, samples, adaptor=None) -> torch.Tensor:
@@ -111,7 +115,10 @@ def embed_all(cfg: TocoadConfig, extractor, samples, adaptor=None) -> torch.Tens
     out = []
     with torch.no_grad():
         for batch in data_loader(cfg, samples, cfg.runtime.batch_size, shuffle=False):
-            out.append(embed_images(extractor, batch["image"], b.aggregation, b.feature_dim, adaptor).float())
+            images = batch["image"]
+            out.append(
+                embed_images(extractor, images, b.aggregation, b.feature_dim, adaptor, b.border).float()
+            )
     return torch.cat(out)
 
 
@@ -256,7 +263,7 @@ def d_inputs(cfg: TocoadConfig, disc, frozen, train, held: np.ndarray, test_samp
             for batch in data_loader(cfg, held_samples, cfg.runtime.batch_size, shuffle=False):
                 synth = gen(batch["image"], rng)
                 out["synthetic"].append(
-                    embed_images(frozen, synth.image, b.aggregation, b.feature_dim).float()
+                    embed_images(frozen, synth.image, b.aggregation, b.feature_dim, border=b.border).float()
                 )
                 out["d_synthetic"].append(d_patch_map(disc, synth.image, grid))
                 out["labels"].append(patch_labels(synth.mask, grid))
@@ -310,8 +317,7 @@ def train_variant(
 def frozen_embeddings(cfg: TocoadConfig, out: Path, train, test_samples):
     """(F, train embeddings, test embeddings) of the frozen backbone of ``cfg``, cached per backbone in ``out``."""
     frozen = create_feature_extractor(**_backbone_args(cfg))
-    name = cfg.backbone.name
-    cache = out / ("cache.pt" if name == TocoadConfig().backbone.name else f"cache_{name}.pt")
+    cache = out / f"cache_{cfg.backbone.name}_{cfg.bank.border}.pt"
     if cache.is_file():
         stored = torch.load(cache, weights_only=True)
         return frozen, stored["train"], stored["test"]
@@ -345,8 +351,9 @@ def run_set(
             cfg = TocoadConfig().with_overrides(base + overrides + [f"runtime.seed={t}"])
             if all(f"{name}/{t}/{k}" in results["cells"] for k in coreset_seeds):
                 continue
-            frozen, train_emb, test_emb = (  # another backbone has its own cached embeddings
-                base_f if cfg.backbone == cfg0.backbone else frozen_embeddings(cfg, out, train, data.test)
+            same = cfg.backbone == cfg0.backbone and cfg.bank.border == cfg0.bank.border
+            frozen, train_emb, test_emb = (  # another backbone or border has its own cached embeddings
+                base_f if same else frozen_embeddings(cfg, out, train, data.test)
             )
             fuse = None
             if cfg.contrastive.enabled:
@@ -399,7 +406,8 @@ def main() -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    base = args.set + ["runtime.progress=false", "runtime.num_workers=0"]
+    # The baseline is frozen F as measured before the border setting existed; `zeros` is today's default.
+    base = ["bank.border=valid", *args.set, "runtime.progress=false", "runtime.num_workers=0"]
     if args.data:
         jobs = [(args.data, args.out)]
     else:

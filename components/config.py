@@ -206,6 +206,12 @@ class BankConfig(_Section):
     aggregation: int = Field(
         3, ge=1, description="Neighbourhood size of local patch aggregation (average pool)."
     )
+    border: Literal["zeros", "valid"] = Field(
+        "zeros",
+        description="Patch averaging at the feature map's edge: zeros = the padding counts (PatchCore's "
+        "AvgPool2d; border patches damped alike in bank and test), valid = only neighbours inside the map (the "
+        "rule of bundles made before this setting, which load with it).",
+    )
     feature_dim: int | None = Field(
         None, ge=8, description="Optional projection of patches to this many dims."
     )

@@ -98,7 +98,7 @@ class ContrastiveTrainer:
 
     def __init__(self, cfg: TocoadConfig, extractor: FeatureExtractor, disc: Discriminator | None) -> None:
         self.cfg = cfg.contrastive
-        self.kernel = cfg.bank.aggregation
+        self.kernel, self.border = cfg.bank.aggregation, cfg.bank.border
         self.f = extractor
         self.f0 = copy.deepcopy(extractor).eval().requires_grad_(False)
         self.disc = disc.eval().requires_grad_(False) if disc is not None else None
@@ -111,7 +111,7 @@ class ContrastiveTrainer:
 
     def _tail(self, net: FeatureExtractor, trunk: torch.Tensor, levels: list[torch.Tensor]) -> torch.Tensor:
         _, levels = net.run_steps(trunk, self.split, len(net.sequence()), levels)
-        return patch_embedding(levels, self.kernel)
+        return patch_embedding(levels, self.kernel, border=self.border)
 
     def losses(
         self, clean: torch.Tensor, synth: torch.Tensor, rng: torch.Generator

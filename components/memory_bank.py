@@ -31,7 +31,8 @@ def extract_embeddings(
     extra: list[np.ndarray] = []  # batches of an unsized loader, or past the size it announced
     grid, written = (0, 0), 0
     for batch in tqdm(loader, desc="features", unit="batch", disable=not progress, dynamic_ncols=True):
-        emb = embed_images(extractor, batch["image"].to(device), bank.aggregation, bank.feature_dim, adaptor)
+        images = batch["image"].to(device)
+        emb = embed_images(extractor, images, bank.aggregation, bank.feature_dim, adaptor, bank.border)
         grid = tuple(emb.shape[-2:])
         flat = flatten_patches(emb).float().cpu().numpy()
         if total is not None and out is None:

@@ -54,7 +54,7 @@ class AnomalyModel:
         """Patch embeddings ``[B, C, h, w]`` of a [0, 1] RGB batch at the model's image size."""
         b = self.cfg.bank
         return embed_images(
-            self.extractor, images.to(self.device), b.aggregation, b.feature_dim, self.adaptor
+            self.extractor, images.to(self.device), b.aggregation, b.feature_dim, self.adaptor, b.border
         )
 
     @torch.inference_mode()

@@ -181,10 +181,12 @@ def adaptor_inputs(
     with torch.no_grad():
         for batch in data_loader(cfg, samples, cfg.runtime.batch_size, shuffle=False):
             images = batch["image"].to(device)
-            normal.append(embed_images(extractor, images, b.aggregation, b.feature_dim).cpu())
+            normal.append(
+                embed_images(extractor, images, b.aggregation, b.feature_dim, border=b.border).cpu()
+            )
             for _ in range(c.synthetic_per_image):
                 synth = gen(images, rng)
-                emb = embed_images(extractor, synth.image, b.aggregation, b.feature_dim)
+                emb = embed_images(extractor, synth.image, b.aggregation, b.feature_dim, border=b.border)
                 synthetic.append(emb.cpu())
                 if disc is not None:
                     prob, level = torch.sigmoid(disc(synth.image).float()), c.d_threshold
@@ -320,7 +322,7 @@ def load_artifacts(bundle_dir: Path, device: torch.device | None = None) -> Arti
     """Read a bundle after verifying every checksum; no file is unpickled."""
     bundle_dir = Path(bundle_dir)
     manifest = verify_bundle(bundle_dir)
-    cfg = TocoadConfig.from_dict(manifest["config"])
+    cfg = _bundle_cfg(manifest)
     art = Artifacts(cfg, manifest.get("data_fingerprint", ""), list(manifest.get("stages", [])))
     art.history, art.metrics = manifest.get("history", {}), manifest.get("metrics", {})
     files = manifest["files"]
@@ -370,7 +372,19 @@ def _read_json(path: Path) -> Any:
 
 def bundle_config(bundle_dir: Path) -> TocoadConfig:
     """The config a bundle was made with, read from its manifest without loading any weights."""
-    return TocoadConfig.from_dict(read_manifest(bundle_dir)["config"])
+    return _bundle_cfg(read_manifest(bundle_dir))
+
+
+# Settings added after bundles existed, with the value those older bundles were made with (not today's default).
+BUNDLE_LEGACY = {("bank", "border"): "valid"}
+
+
+def _bundle_cfg(manifest: dict[str, Any]) -> TocoadConfig:
+    """The bundle's config; a setting it predates takes the value it was made with (:data:`BUNDLE_LEGACY`)."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in manifest["config"].items()}
+    for (section, key), value in BUNDLE_LEGACY.items():
+        data.setdefault(section, {}).setdefault(key, value)
+    return TocoadConfig.from_dict(data)
 
 
 def check_compatible(previous: TocoadConfig, cfg: TocoadConfig, stage: str) -> None:
