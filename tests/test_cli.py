@@ -132,5 +132,7 @@ def test_tampered_bundle_is_refused(bundle, tmp_path, capsys):
     with open(copy / "index.faiss", "r+b") as fh:
         fh.seek(100)
         fh.write(b"\x00\x01\x02")
-    assert main(["predict", "--bundle", str(copy), str(next((bundle.parent).glob("*")))]) == 2
+    assert (
+        main(["predict", "--bundle", str(copy), str(next((bundle.parent).glob("*")))]) == 5
+    )  # README: a checksum mismatch exits 5
     assert "checksum mismatch" in capsys.readouterr().err
