@@ -85,6 +85,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         "frozen F, border patches averaged with the zero padding (PatchCore's AvgPool2d; today's default)",
         ["contrastive.enabled=false", "bank.border=zeros"],
     ),
+    "zeros5": (
+        "frozen F, zero-padded border, 5 % coreset",
+        ["contrastive.enabled=false", "bank.border=zeros", "bank.coreset_ratio=0.05"],
+    ),
     "fusion": (
         "frozen F + D's map fused with the kNN map (weight from cutpaste anomalies)",
         ["contrastive.enabled=false", "stage_d.enabled=true"],
@@ -106,7 +110,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 }
 
 
-FROZEN_VARIANTS = {"frozen", "zeros", "lite2", "proj128", "reweight", "coreset5", "coreset10"}  # nothing to train
+FROZEN_VARIANTS = {"frozen", "zeros", "zeros5", "lite2", "proj128", "reweight", "coreset5", "coreset10"}  # nothing to train
 
 
 def embed_all(cfg: TocoadConfig, extractor, samples, adaptor=None) -> torch.Tensor:
