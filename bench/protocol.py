@@ -30,6 +30,7 @@ setting come from training images and synthetic anomalies; test labels are only 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import time
 from pathlib import Path
@@ -110,7 +111,16 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 }
 
 
-FROZEN_VARIANTS = {"frozen", "zeros", "zeros5", "lite2", "proj128", "reweight", "coreset5", "coreset10"}  # nothing to train
+FROZEN_VARIANTS = {
+    "frozen",
+    "zeros",
+    "zeros5",
+    "lite2",
+    "proj128",
+    "reweight",
+    "coreset5",
+    "coreset10",
+}  # nothing to train
 
 
 def embed_all(cfg: TocoadConfig, extractor, samples, adaptor=None) -> torch.Tensor:
@@ -318,6 +328,19 @@ def train_variant(
     return embed_all(cfg, extractor, train), embed_all(cfg, extractor, test_samples), seconds
 
 
+def save_cell(path: Path, results: dict, key: str, cell: dict) -> dict:
+    """Add ``cell`` to the results file under a lock, merged with cells other runs wrote meanwhile (several
+    variants of one set may run at once); returns the merged results."""
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        on_disk = json.loads(path.read_text()) if path.is_file() else {}
+        merged = {**results, "cells": {**on_disk.get("cells", {}), **results["cells"], key: cell}}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(merged, indent=2))
+        tmp.replace(path)
+    return merged
+
+
 def frozen_embeddings(cfg: TocoadConfig, out: Path, train, test_samples):
     """(F, train embeddings, test embeddings) of the frozen backbone of ``cfg``, cached per backbone in ``out``."""
     frozen = create_feature_extractor(**_backbone_args(cfg))
@@ -326,7 +349,8 @@ def frozen_embeddings(cfg: TocoadConfig, out: Path, train, test_samples):
         stored = torch.load(cache, weights_only=True)
         return frozen, stored["train"], stored["test"]
     train_emb, test_emb = embed_all(cfg, frozen, train), embed_all(cfg, frozen, test_samples)
-    torch.save({"train": train_emb, "test": test_emb}, cache)
+    torch.save({"train": train_emb, "test": test_emb}, cache.with_suffix(".tmp"))
+    cache.with_suffix(".tmp").replace(cache)  # a run reading the cache never sees half of it
     return frozen, train_emb, test_emb
 
 
@@ -377,8 +401,7 @@ def run_set(
                 first = tier == "full" or k == coreset_seeds[0]
                 cell = score_cell(cfg, tr, te, test, k, threshold=first, fuse=fuse)
                 cell.update(variant=name, description=desc, train_seed=t, coreset_seed=k, train_s=train_s)
-                results["cells"][key] = cell
-                path.write_text(json.dumps(results, indent=2))
+                results = save_cell(path, results, key, cell)
                 m = cell["metrics"]
                 print(
                     f"{data_root.name} {key}: image {m.get('image_auroc', float('nan')):.2f} "

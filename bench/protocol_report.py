@@ -60,7 +60,7 @@ def summarise(results: dict) -> dict:
             base = [
                 frozen[c["coreset_seed"]][key]
                 for c in mine
-                if key in c["metrics"] and c["coreset_seed"] in frozen
+                if key in c["metrics"] and key in frozen.get(c["coreset_seed"], {})
             ]
             if key in dict(METRICS) and len(base) == len(values) and variant != "frozen":
                 deltas = [v - b for v, b in zip(values, base, strict=True)]
