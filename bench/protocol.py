@@ -83,7 +83,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         ["contrastive.mode=finetune", "contrastive.photometric=false"],
     ),
     "zeros": (
-        "frozen F, border patches averaged with the zero padding (PatchCore's AvgPool2d; today's default)",
+        "frozen F, border patches averaged with the zero padding (PatchCore's AvgPool2d)",
         ["contrastive.enabled=false", "bank.border=zeros"],
     ),
     "zeros5": (
@@ -433,7 +433,7 @@ def main() -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    # The baseline is frozen F as measured before the border setting existed; `zeros` is today's default.
+    # The baseline is frozen F with the border rule it has always had, whatever the default becomes.
     base = ["bank.border=valid", *args.set, "runtime.progress=false", "runtime.num_workers=0"]
     if args.data:
         jobs = [(args.data, args.out)]

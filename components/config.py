@@ -206,11 +206,11 @@ class BankConfig(_Section):
     aggregation: int = Field(
         3, ge=1, description="Neighbourhood size of local patch aggregation (average pool)."
     )
-    border: Literal["zeros", "valid"] = Field(
-        "zeros",
-        description="Patch averaging at the feature map's edge: zeros = the padding counts (PatchCore's "
-        "AvgPool2d; border patches damped alike in bank and test), valid = only neighbours inside the map (the "
-        "rule of bundles made before this setting, which load with it).",
+    border: Literal["valid", "zeros"] = Field(
+        "valid",
+        description="Patch averaging at the feature map's edge: valid = only neighbours inside the map; zeros = "
+        "the padding counts (PatchCore's and anomalib's AvgPool2d): better maps on all four dev sets, but "
+        "tire's image AUROC fell 4.7 points (bench/RESULTS.md section 8).",
     )
     feature_dim: int | None = Field(
         None, ge=8, description="Optional projection of patches to this many dims."

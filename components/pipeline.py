@@ -322,7 +322,7 @@ def load_artifacts(bundle_dir: Path, device: torch.device | None = None) -> Arti
     """Read a bundle after verifying every checksum; no file is unpickled."""
     bundle_dir = Path(bundle_dir)
     manifest = verify_bundle(bundle_dir)
-    cfg = _bundle_cfg(manifest)
+    cfg = TocoadConfig.from_dict(manifest["config"])
     art = Artifacts(cfg, manifest.get("data_fingerprint", ""), list(manifest.get("stages", [])))
     art.history, art.metrics = manifest.get("history", {}), manifest.get("metrics", {})
     files = manifest["files"]
@@ -372,19 +372,7 @@ def _read_json(path: Path) -> Any:
 
 def bundle_config(bundle_dir: Path) -> TocoadConfig:
     """The config a bundle was made with, read from its manifest without loading any weights."""
-    return _bundle_cfg(read_manifest(bundle_dir))
-
-
-# Settings added after bundles existed, with the value those older bundles were made with (not today's default).
-BUNDLE_LEGACY = {("bank", "border"): "valid"}
-
-
-def _bundle_cfg(manifest: dict[str, Any]) -> TocoadConfig:
-    """The bundle's config; a setting it predates takes the value it was made with (:data:`BUNDLE_LEGACY`)."""
-    data = {k: dict(v) if isinstance(v, dict) else v for k, v in manifest["config"].items()}
-    for (section, key), value in BUNDLE_LEGACY.items():
-        data.setdefault(section, {}).setdefault(key, value)
-    return TocoadConfig.from_dict(data)
+    return TocoadConfig.from_dict(read_manifest(bundle_dir)["config"])
 
 
 def check_compatible(previous: TocoadConfig, cfg: TocoadConfig, stage: str) -> None:

@@ -26,7 +26,7 @@ def test_float16_bank_scores_within_tolerance_of_float32():
     images = torch.rand(4, 3, 64, 64)
     full = AnomalyModel(cfg, extractor, bank32).predict(images)
     half = AnomalyModel(cfg, extractor, bank16).predict(images)
-    np.testing.assert_allclose(half.scores, full.scores, rtol=1.5e-4)  # fp16: up to ~1.1e-4; bf16 ~2e-4 and more
+    np.testing.assert_allclose(half.scores, full.scores, rtol=1e-4)  # fp16: ~4e-5; bf16 would fail (~2e-4)
     np.testing.assert_allclose(half.maps, full.maps, rtol=1e-4, atol=1e-4 * float(full.maps.max()))
 
 
@@ -87,18 +87,8 @@ def test_border_rule_changes_only_the_edge_patches():
     zeros, valid = aggregate(level, 3, "zeros"), aggregate(level, 3, "valid")
     assert torch.allclose(valid, level)
     assert torch.allclose(zeros[..., 1:-1, 1:-1], level[..., 1:-1, 1:-1])
-    assert zeros[0, 0, 0, 0].item() == pytest.approx(4 / 9) and zeros[0, 0, 0, 3].item() == pytest.approx(6 / 9)
+    assert zeros[0, 0, 0, 0].item() == pytest.approx(4 / 9) and zeros[0, 0, 0, 3].item() == pytest.approx(
+        6 / 9
+    )
     with pytest.raises(ValueError, match="border"):
         aggregate(level, 3, "reflect")
-
-
-def test_bundles_made_before_the_border_setting_load_with_the_rule_they_were_made_with():
-    from components.config import TocoadConfig
-    from components.pipeline import _bundle_cfg
-
-    old = TocoadConfig().model_dump(mode="json")
-    del old["bank"]["border"]
-    assert _bundle_cfg({"config": old}).bank.border == "valid"
-    assert TocoadConfig.from_dict(old).bank.border == "zeros"  # a user's config file takes today's default
-    new = TocoadConfig().with_overrides(["bank.border=zeros"]).model_dump(mode="json")
-    assert _bundle_cfg({"config": new}).bank.border == "zeros"
