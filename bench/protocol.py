@@ -362,6 +362,7 @@ def run_set(
     coreset_seeds: list[int],
     tier: str,
     base: list[str],
+    thresholds: bool = True,
 ) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
@@ -398,7 +399,7 @@ def run_set(
                 key = f"{name}/{t}/{k}"
                 if key in results["cells"]:
                     continue
-                first = tier == "full" or k == coreset_seeds[0]
+                first = thresholds and (tier == "full" or k == coreset_seeds[0])
                 cell = score_cell(cfg, tr, te, test, k, threshold=first, fuse=fuse)
                 cell.update(variant=name, description=desc, train_seed=t, coreset_seed=k, train_s=train_s)
                 results = save_cell(path, results, key, cell)
@@ -425,6 +426,11 @@ def main() -> None:
     p.add_argument("--coreset-seeds", default="0,1,2")
     p.add_argument("--tier", choices=("screen", "full"), default="screen")
     p.add_argument("--set", action="append", default=[], help="extra config override for every variant")
+    p.add_argument(
+        "--no-threshold",
+        action="store_true",
+        help="skip the out-of-fold threshold (e.g. extra coreset seeds)",
+    )
     args = p.parse_args()
     seeds = [int(s) for s in args.train_seeds.split(",")], [int(s) for s in args.coreset_seeds.split(",")]
     variants = args.variants.split(",")
@@ -442,7 +448,7 @@ def main() -> None:
     for data_root, out in jobs:
         if not data_root.is_dir():
             p.error(f"{data_root} does not exist")
-        run_set(data_root, out, variants, *seeds, args.tier, base)
+        run_set(data_root, out, variants, *seeds, args.tier, base, thresholds=not args.no_threshold)
 
 
 if __name__ == "__main__":
