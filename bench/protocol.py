@@ -439,8 +439,14 @@ def main() -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    # The baseline is frozen F with the border rule it has always had, whatever the default becomes.
-    base = ["bank.border=valid", *args.set, "runtime.progress=false", "runtime.num_workers=0"]
+    # The baseline is frozen F's bank as first measured (valid border, 1 % coreset), whatever the default becomes.
+    base = [
+        "bank.border=valid",
+        "bank.coreset_ratio=0.01",
+        *args.set,
+        "runtime.progress=false",
+        "runtime.num_workers=0",
+    ]
     if args.data:
         jobs = [(args.data, args.out)]
     else:
