@@ -52,7 +52,8 @@ def test_choose_fusion_weighs_image_and_map_apart():
 
 def test_choose_fusion_keeps_knn_alone_where_d_is_noise():
     knn_n, d_n, knn_s, _, labels = _maps(1)
-    d_noise = np.random.default_rng(2).uniform(0.0, 0.1, knn_s.shape).astype(np.float32)  # as on normal images
+    # D's map of the synthetic images is drawn like that of normal images: it carries no information
+    d_noise = np.random.default_rng(2).uniform(0.0, 0.1, knn_s.shape).astype(np.float32)
     knn_s = knn_s + 3.0 * labels  # kNN separates them by itself
     fusion = choose_fusion(knn_n, d_n, knn_s, d_noise, labels, min_gain=0.005)
     assert fusion.image_weight == 0.0 and fusion.pixel_weight == 0.0
