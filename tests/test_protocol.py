@@ -99,3 +99,15 @@ def test_protocol_fusion_variant_trains_d_once_and_records_its_weight(serve_data
     # at weight 0 the fused cell is the frozen cell's bank under the same coreset seed
     knn_only = cells["fusion/0/1"]["test_by_weight_diagnostic"]["0.0"]
     assert knn_only[1] == round(cells["frozen/0/1"]["metrics"]["pixel_auroc"], 2)
+
+
+def test_save_cell_keeps_the_cells_another_run_wrote_meanwhile(tmp_path):
+    path = tmp_path / "results.json"
+    first = {"data": "x", "cells": {}}
+    second = {"data": "x", "cells": {}}  # a second run of the same set, started from the same (empty) file
+    first = protocol.save_cell(path, first, "a/0/0", {"v": 1})
+    second = protocol.save_cell(path, second, "b/0/0", {"v": 2})
+    assert sorted(json.loads(path.read_text())["cells"]) == ["a/0/0", "b/0/0"]
+    first = protocol.save_cell(path, first, "a/0/1", {"v": 3})  # first's stale copy must not drop b/0/0
+    assert sorted(json.loads(path.read_text())["cells"]) == ["a/0/0", "a/0/1", "b/0/0"]
+    assert first["cells"]["b/0/0"] == {"v": 2}
