@@ -3,6 +3,7 @@
 Layout (every file's sha256 is in ``manifest.json``, which is written last)::
 
     manifest.json               format version, package versions, config, checksums, metrics, data fingerprint
+    manifest.sig                HMAC-SHA256 of manifest.json's bytes (only when a signing key is configured)
     config.yaml                 the full config, for people
     feature_extractor.safetensors   F (fine-tuned or pretrained)
     discriminator.safetensors   D (when stage 1 ran)
@@ -14,11 +15,17 @@ Layout (every file's sha256 is in ``manifest.json``, which is written last)::
 
 A bundle is built in a hidden sibling directory and renamed into place, so a half-written bundle is never
 visible under its final name. Loading verifies every checksum first and never unpickles.
+
+Signing is optional: with ``TOCOAD_SIGNING_KEY_FILE`` set (a file of at least 32 bytes, e.g. a mounted Secret),
+:func:`write_bundle` writes ``manifest.sig`` and :func:`verify_bundle` refuses a bundle without a valid one
+(exit status 5). Without a key nothing is signed and a present ``manifest.sig`` is ignored. Checksums prove a
+bundle is intact; the signature proves a key holder wrote its manifest.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import platform
@@ -35,6 +42,9 @@ from safetensors.torch import load_file, save_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
+SIGNING_KEY_ENV = "TOCOAD_SIGNING_KEY_FILE"
+MIN_KEY_BYTES = 32
 _PACKAGES = ("tocoad", "torch", "torchvision", "timm", "faiss-cpu", "numpy", "safetensors")
 
 
@@ -46,6 +56,16 @@ class BundleChecksumError(BundleError):
     """A bundle file whose size or sha256 differs from its manifest (exit status 5, as for S3 objects)."""
 
     exit_code = 5
+
+
+class BundleSignatureError(BundleError):
+    """A bundle without a valid signature while a signing key is configured (exit status 5)."""
+
+    exit_code = 5
+
+
+class SigningKeyError(BundleError):
+    """A configured signing key that cannot be read or is too short (exit status 2, bad settings)."""
 
 
 class UnsafePathError(ValueError):
@@ -138,6 +158,8 @@ def write_bundle(
             "files": files,
         }
         write_json(tmp / MANIFEST, full)
+        if (key := signing_key()) is not None:
+            (tmp / SIGNATURE).write_text(sign_manifest((tmp / MANIFEST).read_bytes(), key) + "\n")
         old = None
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
@@ -151,16 +173,17 @@ def write_bundle(
     return out_dir
 
 
-def read_manifest(bundle_dir: Path) -> dict[str, Any]:
-    """The bundle's manifest, with a clear :class:`BundleError` when it is missing, damaged or of another format."""
+def read_manifest(bundle_dir: Path, data: bytes | None = None) -> dict[str, Any]:
+    """The bundle's manifest (parsed from ``data`` when given, the bytes already read), with a clear
+    :class:`BundleError` when it is missing, damaged or of another format."""
     bundle_dir = Path(bundle_dir)
     path = bundle_dir / MANIFEST
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise BundleError(
             f"{bundle_dir} is not a model bundle (no {MANIFEST}); it may be incomplete — train again or pull it again"
         )
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_bytes() if data is None else data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path} is not valid JSON ({exc}); the bundle is damaged") from None
     version = manifest.get("format_version")
@@ -171,10 +194,57 @@ def read_manifest(bundle_dir: Path) -> dict[str, Any]:
     return manifest
 
 
+def signing_key() -> bytes | None:
+    """The key in the file named by ``TOCOAD_SIGNING_KEY_FILE`` (surrounding whitespace stripped), or None if unset."""
+    path = os.environ.get(SIGNING_KEY_ENV, "").strip()
+    if not path:
+        return None
+    try:
+        key = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise SigningKeyError(
+            f"{SIGNING_KEY_ENV}={path} cannot be read ({exc.strerror}); mount the signing key there or unset it"
+        ) from None
+    if len(key) < MIN_KEY_BYTES:
+        raise SigningKeyError(
+            f"the signing key in {path} has {len(key)} bytes, at least {MIN_KEY_BYTES} are needed; "
+            "generate one with `openssl rand -hex 32`"
+        )
+    return key
+
+
+def sign_manifest(manifest_bytes: bytes, key: bytes) -> str:
+    """Hex HMAC-SHA256 of the exact manifest bytes."""
+    return hmac.new(key, manifest_bytes, hashlib.sha256).hexdigest()
+
+
+def verify_signature(manifest_bytes: bytes, signature: bytes | None, where: str) -> None:
+    """With a signing key configured, raise :class:`BundleSignatureError` unless ``signature`` (the content of
+    ``manifest.sig``, None when absent) is the manifest's HMAC; without a key, do nothing."""
+    key = signing_key()
+    if key is None:
+        return
+    if signature is None:
+        raise BundleSignatureError(
+            f"{where} is not signed (no {SIGNATURE}) but {SIGNING_KEY_ENV} is set: refusing a bundle of unknown "
+            "origin; have the training job that holds the key write or re-train it"
+        )
+    expected = sign_manifest(manifest_bytes, key)
+    if not hmac.compare_digest(signature.strip(), expected.encode()):
+        raise BundleSignatureError(
+            f"{where} has a wrong signature ({SIGNATURE} does not match {MANIFEST} under the configured key): the "
+            "manifest was changed or signed with another key; do not use it"
+        )
+
+
 def verify_bundle(bundle_dir: Path) -> dict[str, Any]:
-    """Check the manifest and every file's size and sha256; return the manifest or raise :class:`BundleError`."""
+    """Check the signature (when a key is configured), the manifest and every file's size and sha256; return the
+    manifest or raise :class:`BundleError`."""
     bundle_dir = Path(bundle_dir)
-    manifest = read_manifest(bundle_dir)
+    path, sig = bundle_dir / MANIFEST, bundle_dir / SIGNATURE
+    data = path.read_bytes() if path.is_file() else None
+    manifest = read_manifest(bundle_dir, data)  # the checked bytes are the parsed ones
+    verify_signature(data or b"", sig.read_bytes() if sig.is_file() else None, f"bundle {bundle_dir}")
     for name, info in manifest.get("files", {}).items():
         file = safe_relpath(name, bundle_dir)
         if not file.is_file():

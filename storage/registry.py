@@ -22,7 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components.bundle import MANIFEST, read_manifest, verify_bundle
+from components.bundle import (
+    MANIFEST,
+    SIGNATURE,
+    BundleSignatureError,
+    read_manifest,
+    verify_bundle,
+    verify_signature,
+)
 from storage.store import ArtifactStore, NotFound, sha256_bytes
 from storage.trees import pull_tree, push_tree
 
@@ -265,6 +272,8 @@ class ModelRegistry:
                 if read_manifest(dest).get("files") == info.manifest.get("files"):
                     verify_bundle(dest)
                     return dest
+            except BundleSignatureError:
+                raise
             except ValueError:
                 pass
             raise RegistryError(
@@ -291,10 +300,13 @@ class ModelRegistry:
 def push_bundle(
     store: ArtifactStore, bucket: str, prefix: str, bundle_dir: Path, resume: bool = True
 ) -> dict:
-    """Upload a verified local bundle under ``bucket/prefix``, its ``manifest.json`` last (the commit marker)."""
+    """Upload a verified local bundle under ``bucket/prefix``, its ``manifest.sig`` (if signed) just before its
+    ``manifest.json`` (the commit marker, last)."""
     bundle_dir = Path(bundle_dir)
     manifest = verify_bundle(bundle_dir)
     push_tree(store, bucket, prefix, bundle_dir, manifest["files"], resume=resume)
+    if (bundle_dir / SIGNATURE).is_file():
+        store.put_bytes(bucket, f"{prefix}/{SIGNATURE}", (bundle_dir / SIGNATURE).read_bytes(), "text/plain")
     store.put_bytes(bucket, f"{prefix}/{MANIFEST}", (bundle_dir / MANIFEST).read_bytes())
     return manifest
 
@@ -302,10 +314,19 @@ def push_bundle(
 def pull_bundle(
     store: ArtifactStore, bucket: str, prefix: str, dest: Path, manifest: dict | None = None
 ) -> Path:
-    """Download the committed bundle under ``bucket/prefix`` into ``dest``, every file verified."""
+    """Download the committed bundle under ``bucket/prefix`` into ``dest``, every file verified; with a signing
+    key configured the signature is checked before anything is written."""
     data = store.get_bytes(bucket, f"{prefix}/{MANIFEST}")
-    manifest = manifest or json.loads(data)
-    dest = pull_tree(store, bucket, prefix, manifest["files"], dest, extra={MANIFEST: data})
+    sig = (
+        store.get_bytes(bucket, f"{prefix}/{SIGNATURE}")
+        if store.stat(bucket, f"{prefix}/{SIGNATURE}")
+        else None
+    )
+    verify_signature(data, sig, f"{bucket}/{prefix}")
+    if manifest is None or sig is not None:  # the files to fetch come from the bytes the signature covers
+        manifest = json.loads(data)
+    extra = {MANIFEST: data} if sig is None else {MANIFEST: data, SIGNATURE: sig}
+    dest = pull_tree(store, bucket, prefix, manifest["files"], dest, extra=extra)
     read_manifest(dest)  # every file was verified against the manifest while it streamed in
     return dest
 

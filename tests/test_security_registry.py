@@ -1,4 +1,4 @@
-"""Issue 12, registry and datasets (holes 1-5): each test is named after the hole it keeps closed.
+"""Issue 12, registry and datasets (holes 1-5 and 12): each test is named after the hole it keeps closed.
 
 They run against the real local S3 server (SeaweedFS ``weed mini``, the session fixture ``s3_server``) with the
 three identities, doing what an attacker holding the ``uploader`` credentials (or a killed upload) would do.
@@ -19,6 +19,14 @@ import pytest
 from PIL import Image
 from test_storage import make_bundle
 
+from components.bundle import (
+    MANIFEST,
+    SIGNATURE,
+    SIGNING_KEY_ENV,
+    BundleSignatureError,
+    SigningKeyError,
+    verify_bundle,
+)
 from storage import datasets as datasets_module
 from storage.datasets import DatasetRegistry
 from storage.registry import ModelRegistry, RegistryError, new_version
@@ -267,3 +275,71 @@ def test_local_bundle_checksum_mismatch_exits_5(tmp_path, capsys):
     )  # fmt: skip
     assert proc.returncode == 5, proc.stderr[-2000:]
     assert "checksum mismatch" in proc.stderr
+
+
+# ---------------------------------------------------------------- 12
+def _key(tmp_path: Path, name: str, size: int = 32) -> Path:
+    path = tmp_path / f"{name}.key"
+    path.write_text(os.urandom(size).hex()[:size] + "\n")  # a Secret file often ends in a newline
+    return path
+
+
+def test_hole12_signed_bundles_load_only_with_their_key(tmp_path, monkeypatch, capsys):
+    key_a, key_b = _key(tmp_path, "a"), _key(tmp_path, "b")
+    monkeypatch.delenv(SIGNING_KEY_ENV, raising=False)
+    unsigned = make_bundle(tmp_path / "unsigned", seed=120)
+    assert not (unsigned / SIGNATURE).exists()
+    assert verify_bundle(unsigned)["files"]  # no key: unchanged
+
+    monkeypatch.setenv(SIGNING_KEY_ENV, str(key_a))
+    signed = make_bundle(tmp_path / "signed", seed=121)
+    assert len((signed / SIGNATURE).read_text().strip()) == 64
+    assert verify_bundle(signed)["files"]  # key A loads key A's bundle
+    with pytest.raises(BundleSignatureError, match="is not signed"):
+        verify_bundle(unsigned)
+
+    monkeypatch.setenv(SIGNING_KEY_ENV, str(key_b))
+    with pytest.raises(BundleSignatureError, match="wrong signature"):
+        verify_bundle(signed)
+
+    monkeypatch.setenv(SIGNING_KEY_ENV, str(key_a))
+    manifest = json.loads((signed / MANIFEST).read_text())
+    manifest["metrics"]["tocoad"]["image_auroc"] = 99.9  # checksums still match, the signature does not
+    (signed / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleSignatureError, match="wrong signature"):
+        verify_bundle(signed)
+
+    image = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(image)
+    assert main(["predict", "--bundle", str(unsigned), str(image)]) == 5
+    assert "is not signed" in capsys.readouterr().err
+    monkeypatch.setenv(SIGNING_KEY_ENV, str(_key(tmp_path, "short", 31)))
+    assert main(["predict", "--bundle", str(unsigned), str(image)]) == 2
+    assert "at least 32" in capsys.readouterr().err
+    with pytest.raises(SigningKeyError, match="at least 32"):
+        make_bundle(tmp_path / "never", seed=122)
+    monkeypatch.delenv(SIGNING_KEY_ENV)
+    assert verify_bundle(signed)["files"]  # no key: a present signature is ignored
+
+
+def test_hole12_signature_travels_through_the_registry(s3_server, tmp_path, monkeypatch, capsys, request):
+    name = _name(request)
+    reg = ModelRegistry(ArtifactStore(resolve_settings("admin"), progress=False))
+    key_a, key_b = _key(tmp_path, "a"), _key(tmp_path, "b")
+    monkeypatch.delenv(SIGNING_KEY_ENV, raising=False)
+    unsigned = reg.register(name, make_bundle(tmp_path / "u", seed=123)).version
+    monkeypatch.setenv(SIGNING_KEY_ENV, str(key_a))
+    signed = reg.register(name, make_bundle(tmp_path / "s", seed=124)).version
+
+    pulled = reg.pull(name, signed, tmp_path / "pulled")
+    assert (pulled / SIGNATURE).is_file() and verify_bundle(pulled)["files"]
+    assert main(["models", "pull", name, unsigned, "--out", str(tmp_path / "u2"), "--role", "predictor"]) == 5
+    assert "is not signed" in capsys.readouterr().err and not (tmp_path / "u2").exists()
+
+    monkeypatch.setenv(SIGNING_KEY_ENV, str(key_b))
+    assert main(["models", "pull", name, signed, "--out", str(tmp_path / "s2"), "--role", "predictor"]) == 5
+    assert "wrong signature" in capsys.readouterr().err and not (tmp_path / "s2").exists()
+    assert (
+        main(["models", "pull", name, signed, "--out", str(pulled), "--role", "predictor"]) == 5
+    )  # cached copy
+    assert "wrong signature" in capsys.readouterr().err
