@@ -11,7 +11,9 @@ from serving.control import control_headers
 
 
 def deploy_version(model_name: str, storage_uri: str, cluster: bool) -> str:
-    """Point the serving side at ``storage_uri``; return what was done, in words."""
+    """Point the serving side at ``storage_uri``; return what was done, in words. A local predictor that follows a
+    registry alias reloads that alias (it moves to the new production and keeps following it); one that is
+    pinned, or serves a folder, is asked to load ``storage_uri``."""
     if cluster:
         return patch_inference_service(model_name, storage_uri)
     url = os.environ.get("TOCOAD_PREDICTOR_URL")
@@ -19,20 +21,26 @@ def deploy_version(model_name: str, storage_uri: str, cluster: bool) -> str:
         return (
             "no local predictor to notify (set TOCOAD_PREDICTOR_URL); it picks production up when it starts"
         )
-    served = os.environ.get("TOCOAD_PREDICTOR_MODEL", "tocoad")  # the model's name in the predictor's URLs
+    base = f"{url.rstrip('/')}/v2/models/{os.environ.get('TOCOAD_PREDICTOR_MODEL', 'tocoad')}"
+    following = _call(base, None).get("parameters", {}).get("following")
+    body = {"version": following} if following else {"storage_uri": storage_uri}
+    answer = _call(f"{base}/reload", body)
+    what = f"its {following} alias" if following else storage_uri
+    return f"local predictor at {url} reloaded {what}, serving {answer.get('version')}: HTTP 200"
+
+
+def _call(url: str, body: dict | None) -> dict:
+    """GET ``url`` (no body) or POST ``body`` to it with the control token; the JSON answer."""
+    headers = {} if body is None else {"Content-Type": "application/json", **control_headers()}
+    data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(
-        f"{url.rstrip('/')}/v2/models/{served}/reload",
-        data=json.dumps({"storage_uri": storage_uri}).encode(),
-        headers={"Content-Type": "application/json", **control_headers()},
-        method="POST",
+        url, data=data, headers=headers, method="GET" if body is None else "POST"
     )
     try:
         with urllib.request.urlopen(request, timeout=120) as resp:
-            return f"local predictor at {url} reloaded {storage_uri}: HTTP {resp.status}"
+            return json.loads(resp.read() or b"{}")
     except urllib.error.HTTPError as exc:
-        raise RuntimeError(
-            f"the predictor at {url} refused the reload: HTTP {exc.code} {exc.read()[:300]!r}"
-        ) from None
+        raise RuntimeError(f"the predictor at {url} refused: HTTP {exc.code} {exc.read()[:300]!r}") from None
     except OSError as exc:
         raise ConnectionError(f"cannot reach the predictor at {url}: {exc}") from None
 

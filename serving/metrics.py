@@ -10,7 +10,8 @@ Every series carries ``model`` (and, where it belongs to one model version, ``ve
 ``tocoad_request_errors_total``            counter    rejected or failed requests, by ``kind``
 ``tocoad_request_seconds``                 histogram  request latency, by ``protocol`` (v1 | v2 | raw)
 ``tocoad_batch_images``                    histogram  images per request
-``tocoad_model_info``                      gauge      1 for the served version (labels ``version``, ``uri``)
+``tocoad_model_info``                      gauge      1 for the served version (labels ``version``, ``uri``, and
+                                                      ``follows``: the alias it follows, empty when pinned)
 ``tocoad_reloads_total``                   counter    reload attempts, by ``result`` (success | failure)
 ``tocoad_last_reload_timestamp_seconds``   gauge      when the served version was loaded
 ``tocoad_reload_age_seconds``              gauge      seconds since then (computed at scrape time)
@@ -61,7 +62,8 @@ class PredictorMetrics:
         )
         self.latency = h("tocoad_request_seconds", "Request latency.", ["model", "protocol"], LATENCY_BUCKETS)
         self.batch = h("tocoad_batch_images", "Images per request.", ["model"], BATCH_BUCKETS)
-        self.info = g("tocoad_model_info", "The served model version (value 1).", ["model", "version", "uri"])
+        self.info = g("tocoad_model_info", "The served model version (value 1) and the alias it follows.",
+                      ["model", "version", "uri", "follows"])  # fmt: skip
         self.reloads = c("tocoad_reloads_total", "Model reload attempts, by result.", ["model", "result"])
         self.loaded_at = g(
             "tocoad_last_reload_timestamp_seconds", "When the served version was loaded.", ["model"]

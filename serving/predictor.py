@@ -31,6 +31,7 @@ from scipy import ndimage
 
 from components.predict import describe_scores, prepare
 from components.profile import image_statistics
+from serving.control import follows
 from serving.drift import STATS, DriftMonitor
 from serving.inputs import BadRequest, Batch, Limits, parse_body, parse_v1, parse_v2
 from serving.loading import LoadedModel, load_model
@@ -112,19 +113,33 @@ class TocoadPredictor(Model):
             self.current = new  # the swap: one reference assignment
             self.storage_uri = uri
             self.ready = True
-            if old is not None and old.version != new.version:
-                self._forget(old)
-            self.metrics.info.labels(self.name, new.version, new.uri).set(1)
+            if old is not None:
+                self._forget(old, versioned=old.version != new.version)
+            self.metrics.info.labels(*self._info_labels(new)).set(1)
             self.metrics.loaded_at.labels(self.name).set(new.loaded_at)
             self.metrics.reloads.labels(self.name, "success").inc()
             log.info("serving %s version %s from %s (%s)", self.name, new.version, uri,
                      ", ".join(f"{k} {v:.2f}" for k, v in new.timings.items()))  # fmt: skip
             return new
 
-    def _forget(self, old: LoadedModel) -> None:
-        """Drop the label sets of a version that is no longer served (its counters stay in Prometheus' TSDB)."""
-        for family, labels in ((self.metrics.info, (self.name, old.version, old.uri)),
-                               (self.metrics.defect_rate, (self.name, old.version)),
+    def _info_labels(self, loaded: LoadedModel) -> tuple[str, str, str, str]:
+        """``tocoad_model_info``'s labels: model, version, URI, and the alias it follows (empty: pinned)."""
+        return self.name, loaded.version, loaded.uri, follows(loaded.uri)
+
+    def parameters(self) -> dict[str, str]:
+        """What the server follows: ``following`` (an alias) or ``pinned`` (a version), and its storage URI."""
+        alias = follows(self.storage_uri)
+        state = {"following": alias} if alias else {"pinned": self.current.version if self.current else ""}
+        return {**state, "storage_uri": self.storage_uri}
+
+    def _forget(self, old: LoadedModel, versioned: bool = True) -> None:
+        """Drop the info series of a model no longer served and, when ``versioned``, its version's label sets
+        (their counters stay in Prometheus' TSDB)."""
+        with contextlib.suppress(KeyError):
+            self.metrics.info.remove(*self._info_labels(old))
+        if not versioned:
+            return
+        for family, labels in ((self.metrics.defect_rate, (self.name, old.version)),
                                (self.metrics.ks, (self.name, old.version)),
                                (self.metrics.nn_exceed, (self.name, old.version)),
                                (self.metrics.window, (self.name, old.version))):  # fmt: skip

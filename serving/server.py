@@ -6,11 +6,12 @@ Routes beyond KServe's (V1 ``/v1/models/<name>:predict``, V2 ``/v2/models/<name>
 ``/metrics``), each needing the control token (:mod:`serving.control`):
 
 * ``POST /v2/models/<name>/reload`` with optional ``{"storage_uri": "s3://models/<name>/<version>"}`` or
-  ``{"version": "<version|alias>"}``;
+  ``{"version": "<version|alias>"}``; a server that follows an alias loads a version only with ``"pin": true``;
 * ``POST /v2/repository/models/<name>/unload`` (not ready, model dropped) and ``.../load`` (loaded again).
 
-``/v2/health/ready`` is true only while a model is loaded; ``/v2/health/live`` always answers, since decoding
-and scoring run in worker threads.
+``GET /v2/models/<name>`` (no token) adds ``versions`` (the loaded one) and ``parameters``: ``following`` (an
+alias) or ``pinned`` (a version), and ``storage_uri``. ``/v2/health/ready`` is true only while a model is loaded;
+``/v2/health/live`` always answers, since decoding and scoring run in worker threads.
 """
 
 import asyncio
@@ -73,12 +74,28 @@ def build_app(predictor: Any) -> Any:
             return {"ready": True}
         return error_response(503, "no model is loaded")
 
+    @app.get("/v2/models/{model_name}")
+    async def metadata(model_name: str) -> Any:
+        if model_name != predictor.name:
+            return error_response(
+                404, f"model {model_name[:40]} is not served here (it serves {predictor.name})"
+            )
+        loaded = predictor.current
+        return {"name": predictor.name, "versions": [loaded.version] if loaded else [], "platform": "",
+                "inputs": predictor.get_input_types(), "outputs": predictor.get_output_types(),
+                "parameters": predictor.parameters()}  # fmt: skip
+
     @app.post("/v2/models/{model_name}/reload")
     async def reload(model_name: str, request: Request) -> Any:
         async def action() -> dict:
-            uri = reload_target(predictor.origin, await _json_body(request))
+            uri = reload_target(predictor.origin, await _json_body(request), predictor.storage_uri)
             loaded = await asyncio.to_thread(predictor.reload, uri)
-            return {"model": predictor.name, "version": loaded.version, "uri": loaded.uri}
+            return {
+                "model": predictor.name,
+                "version": loaded.version,
+                "uri": loaded.uri,
+                **predictor.parameters(),
+            }
 
         return await control(request, model_name, action)
 

@@ -432,7 +432,7 @@ def simulated_predictor(model: str = "bottle", version: str = "v2") -> Iterator[
     m = PredictorMetrics(registry=registry)
     rng = random.Random(0)
     uri = f"s3://models/{model}/{version}"
-    m.info.labels(model, version, uri).set(1)
+    m.info.labels(model, version, uri, "").set(1)  # a pinned version: follows no alias
     m.reloads.labels(model, "success").inc()
     m.reloads.labels(model, "failure")
     loaded_at = time.time() - 3600

@@ -1,4 +1,4 @@
-"""Issue 12, predictor holes 6-10, kept closed: each test talks HTTP to a real ``tocoad serve`` on loopback.
+"""Issue 12, predictor holes 6-11, kept closed: each test talks HTTP to a real ``tocoad serve`` on loopback.
 
 One server (``secured``) has a control token and small limits: a 4 MiB body, a 16 KiB head, and pixel limits
 raised so that an 8 Mpx request is allowed (decoding it takes a visible fraction of a second) while a 12 Mpx one
@@ -451,3 +451,68 @@ def test_property_v1_v2_and_raw_parsers_answer_200_or_a_clean_4xx(client, reques
         r.status_code,
         r.text[:300],
     )
+
+
+# ---------------------------------------------------------------- hole 11
+def test_hole11_the_server_keeps_following_the_alias_through_deploy_and_rollback(
+    s3_server, serve_bundles, serve_data, tmp_path, monkeypatch
+):
+    """A predictor started on ``production`` follows it: the flow's deploy reloads the alias, a version is loaded
+    only when pinned explicitly, and a rollback in the registry takes effect within the poll interval."""
+    from flows.deploy import deploy_version
+    from storage.registry import ModelRegistry
+    from storage.store import ArtifactStore
+
+    registry = ModelRegistry(ArtifactStore(progress=False))
+    first = registry.register("followed", serve_bundles[0], alias="production").version
+    second = registry.register("followed", serve_bundles[1]).version
+    token = tmp_path / "control-token"
+    token.write_text(secrets.token_urlsafe(24))
+    env = {"TOCOAD_SERVE_CONTROL_TOKEN_FILE": str(token), "TOCOAD_SERVE_RELOAD_POLL_S": "0.5"}
+    server = Predictor("s3://models/followed/production", env=env, log_dir=tmp_path)
+    auth = {"Authorization": f"Bearer {token.read_text()}"}
+
+    def served() -> tuple[str, dict, set]:
+        """The version a prediction names, the metadata's parameters, and the model-info (version, follows)."""
+        version = httpx.post(server.url + V1, json=_v1(_good_png()), timeout=60).json()["predictions"][0]
+        meta = httpx.get(f"{server.url}/v2/models/tocoad", timeout=10).json()
+        text = httpx.get(f"{server.url}/metrics", timeout=10).text
+        info = {(s.labels["version"], s.labels.get("follows")) for f in text_string_to_metric_families(text)
+                for s in f.samples if s.name == "tocoad_model_info" and s.value == 1}  # fmt: skip
+        return version["model_version"], meta.get("parameters", {}), info
+
+    def wait_for(version: str) -> tuple[str, dict, set]:
+        deadline = time.monotonic() + 30
+        while (state := served())[0] != version and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return state
+
+    try:
+        assert served() == (first, {"following": "production", "storage_uri": "s3://models/followed/production"},
+                            {(first, "production")})  # fmt: skip
+        registry.promote("followed", second)
+        monkeypatch.setenv("TOCOAD_SERVE_CONTROL_TOKEN_FILE", str(token))
+        monkeypatch.setenv("TOCOAD_PREDICTOR_URL", server.url)
+        said = deploy_version("followed", registry.uri("followed", second), cluster=False)
+        assert "production alias" in said and second in said, said
+        version, params, info = served()
+        assert (version, params["following"], info) == (second, "production", {(second, "production")})
+
+        reload = f"{server.url}/v2/models/tocoad/reload"
+        r = httpx.post(reload, json={"version": first}, headers=auth, timeout=120)
+        assert r.status_code == 409 and '"pin": true' in r.json()["error"], r.text
+        assert served()[0] == second
+
+        registry.rollback("followed")  # production: back to the first version
+        version, params, info = wait_for(first)
+        assert (version, params["following"], info) == (first, "production", {(first, "production")})
+
+        r = httpx.post(reload, json={"version": second, "pin": True}, headers=auth, timeout=120)
+        assert r.status_code == 200 and r.json()["pinned"] == second, r.text
+        version, params, info = served()
+        assert (version, params.get("pinned"), params.get("following"), info) == (second, second, None,
+                                                                                  {(second, "")})  # fmt: skip
+        r = httpx.post(reload, json={"version": "production"}, headers=auth, timeout=120)
+        assert r.status_code == 200 and served()[1]["following"] == "production", r.text
+    finally:
+        server.stop()
