@@ -6,6 +6,9 @@ beside the in-process predict throughput of the same model; peak memory of the s
 
 Each client sends one PNG per request (raw body, ``Content-Type: image/png``) in a loop. The clients run in
 this process (threads, httpx), the server in another (``tocoad serve``); on a 2-core machine they share the CPU.
+
+``--reloads N`` also reloads the served bundle N times, evenly spread over each load phase, through the control
+endpoint with a token (issue 12): every request must still get its answer while the model is swapped.
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ import argparse
 import json
 import os
 import platform
+import secrets
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -63,7 +68,24 @@ def in_process(bundle: Path, pngs: list[Path], seconds: float) -> dict:
     return {"images_per_s": len(lat) / sum(lat), "p50_ms": 1000 * statistics.median(lat)}
 
 
-def load(url: str, pngs: list[Path], clients: int, seconds: float) -> dict:
+def reloader(url: str, bundle: Path, token: str, count: int, seconds: float, out: dict) -> threading.Thread:
+    """A thread that reloads ``bundle`` ``count`` times over ``seconds``; counts answers by status in ``out``."""
+
+    def run() -> None:
+        with httpx.Client(timeout=120) as c:
+            for _ in range(count):
+                time.sleep(seconds / (count + 1))
+                r = c.post(f"{url}/v2/models/tocoad/reload", json={"storage_uri": str(bundle)},
+                           headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+                out[r.status_code] = out.get(r.status_code, 0) + 1
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def load(url: str, pngs: list[Path], clients: int, seconds: float, reload=None) -> dict:
+    """``reload``: (bundle, token, count) to reload the model during the phase (see :func:`reloader`)."""
     data = [p.read_bytes() for p in pngs]
     lat: list[float] = []
     errors = [0]
@@ -83,15 +105,21 @@ def load(url: str, pngs: list[Path], clients: int, seconds: float) -> dict:
                 i += clients
 
     start = time.perf_counter()
+    reloads: dict = {}
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
     for t in threads:
         t.start()
+    if reload is not None:
+        threads.append(reloader(url, *reload, seconds, reloads))
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
     q = np.percentile(np.asarray(lat) * 1000, [50, 95, 99])
-    return {"clients": clients, "requests": len(lat), "errors": errors[0], "images_per_s": len(lat) / wall,
-            "p50_ms": q[0], "p95_ms": q[1], "p99_ms": q[2]}  # fmt: skip
+    row = {"clients": clients, "requests": len(lat), "errors": errors[0], "images_per_s": len(lat) / wall,
+           "p50_ms": q[0], "p95_ms": q[1], "p99_ms": q[2]}  # fmt: skip
+    if reload is not None:
+        row["reloads_by_status"] = {str(k): v for k, v in reloads.items()}
+    return row
 
 
 def main() -> None:
@@ -102,13 +130,21 @@ def main() -> None:
     )
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--reloads", type=int, default=0, help="reload the model this many times per load phase")
     ap.add_argument("--out", type=Path, default=Path("runs/serve_load.json"))
     args = ap.parse_args()
     pngs = sorted(args.images.rglob("*.png"))[:64]
     port = _port()
     url = f"http://127.0.0.1:{port}"
+    token = secrets.token_hex(16)
+    token_file = Path(tempfile.mkdtemp()) / "token"
+    token_file.write_text(token)
+    env = {**os.environ, "TOCOAD_SERVE_CONTROL_TOKEN_FILE": str(token_file)}
     server = subprocess.Popen([sys.executable, "-m", "tocoad.cli", "serve", "--bundle", str(args.bundle),
-                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=env)  # fmt: skip
+    # reloads name the folder the server was started on (the only local path the control endpoint accepts)
+    reload = (args.bundle, token, args.reloads) if args.reloads else None
     try:
         t0 = time.perf_counter()
         while True:
@@ -120,7 +156,7 @@ def main() -> None:
             time.sleep(0.2)
         cold_start = time.perf_counter() - t0
         load(url, pngs, 1, 3)  # warm-up
-        rows = [load(url, pngs, c, args.seconds) for c in args.clients]
+        rows = [load(url, pngs, c, args.seconds, reload) for c in args.clients]
         peak = _peak_rss_mb(server.pid)
     finally:
         server.terminate()
