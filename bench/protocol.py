@@ -148,6 +148,15 @@ def _flat(maps: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1]).numpy())
 
 
+def build_bank(cfg: TocoadConfig, flat: np.ndarray, seed: int):
+    """(coreset rows, bank, faiss index, seconds) of the product's bank rule on patches ``flat``."""
+    start = time.perf_counter()
+    rows = coreset_indices(flat, cfg.bank, seed, progress=False)
+    bank = np.ascontiguousarray(flat[rows])
+    index = build_index(bank, kind=cfg.bank.index)
+    return rows, bank, index, time.perf_counter() - start
+
+
 def score_cell(
     cfg: TocoadConfig,
     train_emb: torch.Tensor,
@@ -165,11 +174,7 @@ def score_cell(
         return _fused_cell(cfg, train_emb, test_emb, test, seed, fuse)
     grid = tuple(train_emb.shape[-2:])
     flat = _flat(train_emb)
-    start = time.perf_counter()
-    rows = coreset_indices(flat, cfg.bank, seed, progress=False)
-    bank = np.ascontiguousarray(flat[rows])
-    index = build_index(bank, kind=cfg.bank.index)
-    bank_s = time.perf_counter() - start
+    rows, bank, index, bank_s = build_bank(cfg, flat, seed)
     queries = _flat(test_emb)
     start = time.perf_counter()
     patch = patch_distances(index, queries, grid)
@@ -201,11 +206,7 @@ def _fused_cell(
 ) -> dict:
     grid = tuple(train_emb.shape[-2:])
     flat = _flat(train_emb)
-    start = time.perf_counter()
-    rows = coreset_indices(flat, cfg.bank, seed, progress=False)
-    bank = np.ascontiguousarray(flat[rows])
-    index = build_index(bank, kind=cfg.bank.index)
-    bank_s = time.perf_counter() - start
+    rows, bank, index, bank_s = build_bank(cfg, flat, seed)
     c = cfg.calibration
     synth = _flat(fuse["synthetic"])
     folds = out_of_fold_scores(flat, grid, cfg.bank, c.folds, seed, rows, False, synth, fuse["source"])
