@@ -65,22 +65,32 @@ SETS = {
     "capsules": "visa/capsules",
 }
 
+# Stage 2 and stage D are off by default (bench/RESULTS.md section 8), so a trained variant switches them on.
+STAGE2 = ["contrastive.enabled=true"]
+GUIDE = ["stage_d.enabled=true", "contrastive.guide=true"]
+
 # name -> (description, config overrides). "frozen" is the baseline every other variant is paired with.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "frozen": ("frozen-F PatchCore (stage 2 off)", ["contrastive.enabled=false"]),
     "adaptor": (
         "adaptor head, compactness + margin, G's mask flags",
-        ["contrastive.mode=adaptor", "contrastive.guide=false"],
+        [*STAGE2, "contrastive.mode=adaptor", "contrastive.guide=false"],
     ),
     "adaptor_compact": (
         "adaptor head, compactness only",
-        ["contrastive.mode=adaptor", "contrastive.guide=false", "contrastive.margin_weight=0"],
+        [*STAGE2, "contrastive.mode=adaptor", "contrastive.guide=false", "contrastive.margin_weight=0"],
     ),
-    "adaptor_d": ("adaptor head, compactness + margin, D's flags (the guide)", ["contrastive.mode=adaptor"]),
-    "finetune": ("fine-tuned F blocks (SimSiam, guide, proximity)", ["contrastive.mode=finetune"]),
+    "adaptor_d": (
+        "adaptor head, compactness + margin, D's flags (the guide)",
+        [*STAGE2, *GUIDE, "contrastive.mode=adaptor"],
+    ),
+    "finetune": (
+        "fine-tuned F blocks (SimSiam, guide, proximity)",
+        [*STAGE2, *GUIDE, "contrastive.mode=finetune"],
+    ),
     "finetune_geom": (
         "fine-tuned F blocks, geometric views only",
-        ["contrastive.mode=finetune", "contrastive.photometric=false"],
+        [*STAGE2, *GUIDE, "contrastive.mode=finetune", "contrastive.photometric=false"],
     ),
     "zeros": (
         "frozen F, border patches averaged with the zero padding (PatchCore's AvgPool2d)",
@@ -121,6 +131,9 @@ FROZEN_VARIANTS = {
     "coreset5",
     "coreset10",
 }  # nothing to train
+STAGE2_VARIANTS = {
+    name for name, (_, overrides) in VARIANTS.items() if "contrastive.enabled=true" in overrides
+}
 
 
 def embed_all(cfg: TocoadConfig, extractor, samples, adaptor=None) -> torch.Tensor:
@@ -381,6 +394,8 @@ def run_set(
             cfg = TocoadConfig().with_overrides(base + overrides + [f"runtime.seed={t}"])
             if all(f"{name}/{t}/{k}" in results["cells"] for k in coreset_seeds):
                 continue
+            if cfg.contrastive.enabled != (name in STAGE2_VARIANTS):
+                raise ValueError(f"variant {name}: stage 2 must be on exactly when the variant trains it")
             same = cfg.backbone == cfg0.backbone and cfg.bank.border == cfg0.bank.border
             frozen, train_emb, test_emb = (  # another backbone or border has its own cached embeddings
                 base_f if same else frozen_embeddings(cfg, out, train, data.test)

@@ -7,6 +7,8 @@ import sys
 
 from conftest import REPO, TINY
 
+from components.config import TocoadConfig
+
 sys.path.insert(0, str(REPO / "bench"))
 
 import protocol  # noqa: E402
@@ -111,3 +113,14 @@ def test_save_cell_keeps_the_cells_another_run_wrote_meanwhile(tmp_path):
     first = protocol.save_cell(path, first, "a/0/1", {"v": 3})  # first's stale copy must not drop b/0/0
     assert sorted(json.loads(path.read_text())["cells"]) == ["a/0/0", "a/0/1", "b/0/0"]
     assert first["cells"]["b/0/0"] == {"v": 2}
+
+
+def test_every_trained_variant_switches_stage_2_on():
+    """Stage 2 is off by default, so a variant that trains must turn it on (a variant that forgot ran frozen F
+    under its own name once); a frozen one must leave it off."""
+    assert set(protocol.VARIANTS) - protocol.FROZEN_VARIANTS - {"fusion"} == protocol.STAGE2_VARIANTS
+    for name, (_, overrides) in protocol.VARIANTS.items():
+        cfg = TocoadConfig().with_overrides(overrides)
+        assert cfg.contrastive.enabled == (name in protocol.STAGE2_VARIANTS), name
+        if cfg.contrastive.enabled and cfg.contrastive.guide:
+            assert cfg.stage_d.enabled, f"{name} is guided by D but does not train D"
