@@ -115,9 +115,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Score images with a bundle: raw score, normalised score, label and threshold per image."""
-    from components.predict import predict_files
+    from components.predict import heatmap_paths, predict_files
 
-    results = predict_files(Path(args.bundle), [Path(p) for p in args.images], heatmap_dir=args.heatmaps)
+    images = [Path(p) for p in args.images]
+    if args.heatmaps is not None and (old := [t for t in heatmap_paths(images, args.heatmaps) if t.exists()]):
+        print(f"replacing {len(old)} existing heatmap(s) in {args.heatmaps}, e.g. {old[0]}", file=sys.stderr)
+    results = predict_files(Path(args.bundle), images, heatmap_dir=args.heatmaps)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -222,7 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("predict", help="score images")
     sp.add_argument("--bundle", required=True)
     sp.add_argument("images", nargs="+")
-    sp.add_argument("--heatmaps", type=Path, help="save heatmap overlays (PNG) into this folder")
+    sp.add_argument(
+        "--heatmaps",
+        type=Path,
+        help="save heatmap overlays (PNG) into this folder, keeping the images' sub-folders "
+        "below their common folder (test/crack/000.png -> DIR/crack/000_heatmap.png)",
+    )
     sp.add_argument("--json", action="store_true", help="print JSON")
     sp.set_defaults(func=cmd_predict)
 
