@@ -270,6 +270,21 @@ def test_cli_data_and_models_commands(s3_server, tmp_path, capsys, request):
     verify_bundle(tmp_path / "pulled")
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_and_pulled_bundles_follow_the_umask(s3_server, registry, tmp_path, request, umask):
+    name = _name(request).replace("[", "-").replace("]", "")
+    previous = os.umask(umask)
+    try:
+        bundle = make_bundle(tmp_path / "written", seed=43)
+        version = registry.register(name, bundle).version
+        pulled = registry.pull(name, version, tmp_path / "pulled")
+    finally:
+        os.umask(previous)
+    for folder in (bundle, pulled):  # not tempfile.mkdtemp's 700 whatever the umask
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
+    assert not list(tmp_path.glob(".*"))  # no partial folder left beside them
+
+
 def test_models_show_says_an_unknown_model_does_not_exist(s3_server, registry, tmp_path, capsys, request):
     name = _name(request)
     registry.register(name, make_bundle(tmp_path / "a", seed=42))
