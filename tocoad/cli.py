@@ -134,11 +134,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job, end to end from an empty machine: demo data -> dataset registry -> retraining flow.
+    """The main job, end to end from an empty machine: demo data -> dataset registry -> retraining flow -> predictor.
 
     The flow validates the images, runs the three stage jobs as local jobs (stage D and the contrastive stage pass
     their input on under the default config, which keeps F frozen), evaluates, registers the candidate and promotes
-    it; the evaluation report is copied to ``OUT/report``.
+    it; the evaluation report is copied to ``OUT/report``. Then the predictor serves the production model on
+    127.0.0.1:8080 (another free port if that one is taken) and answers a few demo images.
     """
     from components.demo_data import make_demo_dataset
     from storage.datasets import DatasetRegistry
@@ -234,7 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print JSON")
     sp.set_defaults(func=cmd_predict)
 
-    sp = sub.add_parser("demo", help="make demo data, train, evaluate (the main job)")
+    sp = sub.add_parser(
+        "demo",
+        help="the main job: demo data -> S3 registry -> retraining flow -> promoted model served on :8080",
+        description="Make the demo data, push it to the local S3 registry, run the retraining flow (validate, "
+        "train, evaluate, register, promote) and start the predictor on the promoted model (127.0.0.1:8080), "
+        "which answers a few demo requests. The S3 server and the predictor keep running; the demo prints "
+        "how to stop them.",
+    )
     sp.add_argument("--out", default="runs/demo", help="working folder (default runs/demo)")
     with_config(sp)
     sp.set_defaults(func=cmd_demo)
