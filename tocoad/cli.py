@@ -148,13 +148,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     data = out / "data"
-    if not (data / "train").exists():
-        print(f"making demo data in {data}")
-        make_demo_dataset(data, seed=0)
+    print(f"making demo data in {data}")  # again each time (seconds): an earlier demo's data may be older
+    make_demo_dataset(data, seed=0)
     config = config_dict(args.config, args.set)
-    # The demo images are 128 px; training at that size keeps the demo to a few minutes on a laptop CPU.
-    if "data.image_size" not in config and not args.config:
-        config.update({"data.image_size": 128, "generator.max_scale": 5})
     store = _store()
     version = DatasetRegistry(store).push(data, "demo", note="tocoad demo data")
     print(f"pushed {data} as dataset demo@{version} ({store.describe()['endpoint']})")
@@ -171,10 +167,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _print_metrics(metrics: dict) -> None:
+    """The evaluation's metrics, and the confusion counts at the model's threshold."""
     for model in ("tocoad", "discriminator"):
         if model in metrics:
             vals = "  ".join(f"{k}={v:.2f}" for k, v in metrics[model].items())
             print(f"{model:>13}: {vals}")
+    at = metrics.get("tocoad", {})
+    if "misses_at_threshold" in at and "n_defective" in metrics:
+        defective, good = metrics["n_defective"], metrics["n_test"] - metrics["n_defective"]
+        print(
+            f"at the threshold: {defective - at['misses_at_threshold']} of {defective} defective images found, "
+            f"{at['false_alarms_at_threshold']} false alarm(s) among {good} good images"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
