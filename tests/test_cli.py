@@ -60,7 +60,12 @@ def test_evaluate_writes_metrics_and_report(bundle, demo, tmp_path, capsys):
         assert 0 <= metrics["tocoad"][key] <= 100
     assert "pixel_auroc" in metrics["discriminator"]
     assert (tmp_path / "index.html").is_file()
-    assert "report:" in capsys.readouterr().out
+    out, at = capsys.readouterr().out, metrics["tocoad"]
+    assert "report:" in out and metrics["n_defective"] == 6 and metrics["n_test"] == 10
+    assert (
+        f"at the threshold: {6 - at['misses_at_threshold']} of 6 defective images found, "
+        f"{at['false_alarms_at_threshold']} false alarm(s) among 4 good images"
+    ) in out  # the confusion counts at the threshold
 
 
 def test_predict_matches_in_process_model(bundle, demo, tmp_path, capsys):
