@@ -1,5 +1,7 @@
 # Two commands do all the set-up on a fresh machine (Python 3.11):
-#   make demo   -- the main job: demo data -> train -> evaluate, prints metrics and the report's path
+#   make demo   -- the main job: demo data -> local S3 registry -> Prefect retraining flow (validate, train,
+#                  evaluate, register, promote) -> predictor on 127.0.0.1:8080 answering a few requests;
+#                  the S3 server and the predictor keep running (the demo prints how to stop them)
 #   make test   -- the test suite
 PYTHON ?= python3
 VENV   ?= .venv

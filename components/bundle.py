@@ -29,8 +29,8 @@ import hmac
 import json
 import os
 import platform
+import secrets
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from importlib import metadata
@@ -134,6 +134,24 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def partial_dir(dest: Path) -> Path:
+    """A new empty hidden sibling of ``dest`` to fill before it is renamed to ``dest``.
+
+    Unlike ``tempfile.mkdtemp`` (always mode 700) it gets the mode the user's umask gives any new folder, which
+    the folder keeps after the rename.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        tmp = dest.with_name(f".{dest.name}.partial-{secrets.token_hex(6)}")
+        try:
+            tmp.mkdir()  # mode 0o777 minus the umask
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not make a fresh folder beside {dest}")  # pragma: no cover
+
+
 def write_bundle(
     out_dir: Path, populate: Callable[[Path], None], manifest: dict[str, Any], overwrite: bool = False
 ) -> Path:
@@ -145,8 +163,7 @@ def write_bundle(
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise BundleError(f"{out_dir} already exists; choose another --out or remove it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    tmp = partial_dir(out_dir)
     try:
         populate(tmp)
         files = file_index(tmp, exclude=MANIFEST)

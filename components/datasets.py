@@ -62,10 +62,16 @@ _EXPECTED = {
     "btad": "train/ok/, test/ok/, test/ko/, ground_truth/ko/",
     "folder": "any tree of normal images",
 }
-_DEFECT_DIR_NAMES = {
-    "test", "ground_truth", "gt", "anomaly", "anomalies", "abnormal", "defect", "defects", "defective",
-    "bad", "ko", "ng", "nok", "mask", "masks",
+_MASK_DIR_NAMES = {"ground_truth", "gt", "mask", "masks"}  # MVTec and BTAD ground_truth/, VisA Masks/
+_DEFECT_DIR_NAMES = _MASK_DIR_NAMES | {
+    "test", "anomaly", "anomalies", "abnormal", "defect", "defects", "defective", "bad", "ko", "ng", "nok",
 }  # fmt: skip
+
+
+def is_mask(rel: str | Path) -> bool:
+    """Whether a file of a dataset folder (path relative to its root) is a defect mask, not an image: it lies
+    below a ``ground_truth``, ``gt``, ``mask`` or ``masks`` folder (any case)."""
+    return any(part.lower() in _MASK_DIR_NAMES for part in Path(rel).parts[:-1])
 
 
 class DatasetError(ValueError):

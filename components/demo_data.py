@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["DEFECT_TYPES", "TEXTURES", "make_demo_dataset"]
+__all__ = ["DEFECT_TYPES", "DEMO_IMAGE_SIZE", "TEXTURES", "make_demo_dataset"]
 
 GENERATOR = "components.demo_data"
 DEFECT_TYPES = ("scratch", "spot", "hole")
@@ -34,6 +34,11 @@ TEXTURES: dict[str, tuple[str, tuple[float, ...], tuple[float, ...], str]] = {
 }
 _STAINS = ((0.20, 0.30, 0.65), (0.85, 0.72, 0.15), (0.15, 0.45, 0.20), (0.55, 0.20, 0.55))
 _SPLITS = {"train": 0, "test_good": 1, "test_defect": 2}
+# The demo trains at the size it draws its images. At 128 px a defect (a hole is 9-19 px across) covers about one
+# patch of the stride-8 feature map: the model found 25-29 % of the defects at its threshold (image AUROC 77-92,
+# data seeds 0-2). At 256 px it found 96-100 % with at most 1 false alarm among 24 good images (AUROC 98.3-100,
+# data seeds 0-4); the threshold (the largest out-of-fold training score) was right at 128 px too.
+DEMO_IMAGE_SIZE = 256
 
 
 def _texture(name: str) -> np.ndarray:
@@ -175,9 +180,9 @@ def make_demo_dataset(
     *,
     texture: str = "brick",
     n_train: int = 60,
-    n_test_good: int = 12,
+    n_test_good: int = 24,
     n_test_defect: int = 24,
-    image_size: int = 128,
+    image_size: int = DEMO_IMAGE_SIZE,
     seed: int = 0,
 ) -> Path:
     """Write a demo dataset (MVTec layout) to ``out_dir`` and return ``out_dir``.

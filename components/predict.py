@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -45,24 +46,47 @@ def score_images(
     return out
 
 
+def heatmap_paths(paths: list[Path], heatmap_dir: Path) -> list[Path]:
+    """Where each image's heatmap goes: its folder below the images' common folder is kept, so names never collide.
+
+    ``d/test/crack/000.png`` and ``d/test/scratch/000.png`` give ``DIR/crack/000_heatmap.png`` and
+    ``DIR/scratch/000_heatmap.png``; a name that still repeats (``x.png`` and ``x.jpg``, or one file given twice)
+    gets ``_2``, ``_3``, ... before ``.png``.
+    """
+    resolved = [Path(p).resolve() for p in paths]
+    if not resolved:
+        return []
+    root = Path(os.path.commonpath([p.parent for p in resolved]))
+    targets: list[Path] = []
+    for path in resolved:
+        stem = Path(heatmap_dir) / path.parent.relative_to(root) / f"{path.stem}_heatmap"
+        target, n = stem.with_name(stem.name + ".png"), 1
+        while target in targets:
+            n += 1
+            target = stem.with_name(f"{stem.name}_{n}.png")
+        targets.append(target)
+    return targets
+
+
 def predict_files(bundle: Path, paths: list[Path], heatmap_dir: Path | None = None) -> list[dict[str, Any]]:
-    """Score image files; with ``heatmap_dir``, also save an overlay PNG of each anomaly map."""
+    """Score image files; with ``heatmap_dir``, also save an overlay PNG of each anomaly map (see
+    :func:`heatmap_paths` for the names)."""
     from PIL import Image
 
     art = load_artifacts(bundle)
     model = art.model()
+    targets = heatmap_paths(paths, heatmap_dir) if heatmap_dir is not None else [None] * len(paths)
     results = []
-    for path in paths:
+    for path, out in zip(paths, targets, strict=True):
         img = load_image(path, max_pixels=art.cfg.data.max_image_pixels)
         item = score_images(model, [img], with_maps=heatmap_dir is not None)[0]
         item["path"] = str(path)
         amap = item.pop("map", None)
-        if heatmap_dir is not None and amap is not None:
-            heatmap_dir.mkdir(parents=True, exist_ok=True)
+        if out is not None and amap is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
             cal = model.calibration
             vmax = cal.pixel_max if cal is not None and cal.pixel_max else float(amap.max())
             small = resize_rgb(img, amap.shape)
-            out = heatmap_dir / f"{Path(path).stem}_heatmap.png"
             Image.fromarray(overlay_heatmap(small, amap, 0.0, vmax)).save(out)
             item["heatmap"] = str(out)
         results.append(item)

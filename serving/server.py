@@ -19,6 +19,7 @@ import logging
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -163,6 +164,10 @@ def serve(storage_uri: str, name: str = "tocoad", host: str = "127.0.0.1", port:
     """Load the model (ready only when loaded and warmed up) and serve it until SIGTERM/SIGINT."""
     sys.argv = sys.argv[:1]  # KServe parses the process arguments when imported
     from kserve import ModelServer
+
+    # KServe (0.21) answers with FastAPI's ORJSONResponse, which FastAPI deprecates: each of KServe's endpoints
+    # logged a FastAPIDeprecationWarning on its first request. Not ours to fix; silence exactly that one.
+    warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated", module=r"fastapi\.")
 
     from serving.predictor import TocoadPredictor
     from serving.settings import ServingSettings

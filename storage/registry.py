@@ -154,6 +154,7 @@ class ModelRegistry:
         try:
             return json.loads(self.store.get_bytes(self.bucket, f"{name}/{version}/{MANIFEST}"))
         except NotFound:
+            self.require(name)
             raise RegistryError(
                 f"model {name} has no committed version {version}; see `tocoad models list {name}`"
             ) from None
@@ -168,20 +169,27 @@ class ModelRegistry:
         except NotFound:
             return None
 
+    def require(self, name: str) -> list[str]:
+        """The model's committed versions; a RegistryError that names the known models if it has none."""
+        if versions := self.versions(name):
+            return versions
+        known = [m for m in self.models() if m != name]
+        raise RegistryError(
+            f"model {name} does not exist (no committed version); known models: {', '.join(known) or 'none'}"
+        )
+
     def resolve(self, name: str, ref: str = "production") -> str:
         """A version id from a version id, an alias, or ``latest``."""
         if ref in ALIASES:
             record = self.alias(name, ref)
             if record is None:
+                self.require(name)
                 raise RegistryError(
                     f"model {name} has no {ref} version yet; promote one with `tocoad models promote`"
                 )
             return record["version"]
         if ref == "latest":
-            versions = self.versions(name)
-            if not versions:
-                raise RegistryError(f"model {name} has no committed versions")
-            return versions[-1]
+            return self.require(name)[-1]
         return ref
 
     def info(self, name: str, ref: str = "production") -> VersionInfo:

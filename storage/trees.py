@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from components.bundle import safe_relpath
+from components.bundle import partial_dir, safe_relpath
 from storage.store import AccessDenied, ArtifactStore
 
 
@@ -69,8 +68,7 @@ def pull_tree(
     """
     dest = Path(dest)
     check_paths({**files, **(extra or {})}, dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    tmp = partial_dir(dest)
     total = sum(meta["bytes"] for meta in files.values())
     try:
         with tqdm(

@@ -60,7 +60,12 @@ def test_evaluate_writes_metrics_and_report(bundle, demo, tmp_path, capsys):
         assert 0 <= metrics["tocoad"][key] <= 100
     assert "pixel_auroc" in metrics["discriminator"]
     assert (tmp_path / "index.html").is_file()
-    assert "report:" in capsys.readouterr().out
+    out, at = capsys.readouterr().out, metrics["tocoad"]
+    assert "report:" in out and metrics["n_defective"] == 6 and metrics["n_test"] == 10
+    assert (
+        f"at the threshold: {6 - at['misses_at_threshold']} of 6 defective images found, "
+        f"{at['false_alarms_at_threshold']} false alarm(s) among 4 good images"
+    ) in out  # the confusion counts at the threshold
 
 
 def test_predict_matches_in_process_model(bundle, demo, tmp_path, capsys):
@@ -75,6 +80,35 @@ def test_predict_matches_in_process_model(bundle, demo, tmp_path, capsys):
     assert all((tmp_path / f"{p.stem}_heatmap.png").is_file() for p in images)
     threshold = load_artifacts(bundle).calibration.threshold
     assert all((r["score"] >= threshold) == (r["label"] == "defective") for r in results)
+
+
+def test_heatmaps_keep_sub_folders_so_equal_names_never_collide(bundle, demo, tmp_path, capsys):
+    images = [demo / "test" / kind / "000.png" for kind in ("good", "hole", "scratch")]
+    images.append(images[1])  # the same file twice gets a second name, not the first one overwritten
+    out = tmp_path / "maps"
+    assert (
+        main(["predict", "--bundle", str(bundle), "--json", "--heatmaps", str(out), *map(str, images)]) == 0
+    )
+    written = [r["heatmap"] for r in json.loads(capsys.readouterr().out)]
+    expected = [out / "good/000_heatmap.png", out / "hole/000_heatmap.png", out / "scratch/000_heatmap.png",
+                out / "hole/000_heatmap_2.png"]  # fmt: skip
+    assert written == [str(p) for p in expected] and all(p.is_file() for p in expected)
+    assert len({p.read_bytes() for p in expected[:3]}) == 3
+    assert main(["predict", "--bundle", str(bundle), "--heatmaps", str(out), *map(str, images[:2])]) == 0
+    assert "replacing 2 existing heatmap(s)" in capsys.readouterr().err  # a re-run says that it overwrites
+
+
+def test_serve_on_a_missing_bundle_fails_at_once(tmp_path):
+    missing = tmp_path / "no-such-bundle"
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "tocoad.cli", "serve", "--bundle", str(missing)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2  # README: bad input exits 2
+    assert f"--bundle {missing}: the path does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    # it failed before importing the server stack (-X importtime lists every import on stderr)
+    assert "kserve" not in proc.stderr and "torch" not in proc.stderr
 
 
 def test_stage_by_stage_equals_a_chain(demo, tmp_path):

@@ -18,6 +18,7 @@ from components.datasets import (
     Sample,
     discover,
     fingerprint,
+    is_mask,
     split_holdout,
 )
 from components.demo_data import DEFECT_TYPES, make_demo_dataset
@@ -146,6 +147,14 @@ def test_visa_with_split_csv(tmp_path: Path) -> None:
 def test_visa_without_split_csv(tmp_path: Path) -> None:
     splits = discover(_visa_category(tmp_path), "visa")
     assert len(splits.train) == 3 and [s.label for s in splits.test] == [1]
+
+
+def test_is_mask_tells_masks_from_images(mvtec: Path, tmp_path: Path) -> None:
+    for root, layout in ((mvtec, "mvtec"), (_visa_category(tmp_path), "visa")):
+        samples = [*(s := discover(root, layout)).train, *s.test]
+        masks = [x.mask_path.relative_to(root) for x in samples if x.mask_path is not None]
+        assert masks and all(map(is_mask, masks))
+        assert not any(is_mask(x.path.relative_to(root)) for x in samples)
 
 
 def test_folder_layout(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import secrets
 import threading
 import time
 import zlib
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -112,6 +113,29 @@ def test_anomaly_map_and_boxes_on_request(live_predictor, serve_data):
     assert isinstance(pred["boxes"], list)
     if pred["label"] == "defective":
         assert pred["boxes"] and all(0 <= b[0] < b[2] <= 64 and 0 <= b[1] < b[3] <= 64 for b in pred["boxes"])
+
+
+def test_the_predictor_logs_no_warnings(serve_bundles, serve_data, tmp_path):
+    image = b64_png(np.asarray(Image.open(next((serve_data / "test").rglob("*.png"))).convert("RGB")))
+    server = Predictor(serve_bundles[0], log_dir=tmp_path)
+    try:
+        for path in (
+            "/v2/health/ready",
+            "/v2/health/live",
+            "/v1/models/tocoad",
+            "/v2/models/tocoad",
+            "/metrics",
+        ):
+            httpx.get(server.url + path, timeout=30).raise_for_status()
+        v1 = {"instances": [{"image": {"b64": image}}]}
+        httpx.post(f"{server.url}/v1/models/tocoad:predict", json=v1, timeout=60).raise_for_status()
+        v2 = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [image]}]}
+        httpx.post(f"{server.url}/v2/models/tocoad/infer", json=v2, timeout=60).raise_for_status()
+    finally:
+        server.stop()
+    log = Path(server.log.name).read_text()
+    # KServe's use of FastAPI's deprecated ORJSONResponse warned once per route
+    assert "Warning" not in log, log
 
 
 def test_metadata_and_health(live_predictor):

@@ -246,12 +246,13 @@ def test_local_server_restarts_with_its_data(s3_server, store):
 def test_cli_data_and_models_commands(s3_server, tmp_path, capsys, request):
     name = _name(request)
     folder = tmp_path / "imgs"
-    folder.mkdir()
-    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    for rel in ("train/good/a.png", "test/bad/b.png", "ground_truth/bad/b_mask.png"):
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(folder / rel)
     assert main(["data", "push", str(folder), "--name", name, "--role", "uploader"]) == 0
     version = capsys.readouterr().out.strip().splitlines()[-1]
     assert main(["data", "list", name]) == 0
-    assert version in capsys.readouterr().out
+    assert f"{version}\t2 images, 1 masks\t" in capsys.readouterr().out  # a mask is not counted as an image
 
     reg = ModelRegistry(ArtifactStore(progress=False))
     a = reg.register(name, make_bundle(tmp_path / "a", seed=40)).version
@@ -267,6 +268,34 @@ def test_cli_data_and_models_commands(s3_server, tmp_path, capsys, request):
     assert shown["version"] == a and [h["reason"] for h in shown["history"]][-1] == "rolled back by hand"
     assert main(["models", "pull", name, "--out", str(tmp_path / "pulled"), "--role", "predictor"]) == 0
     verify_bundle(tmp_path / "pulled")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_and_pulled_bundles_follow_the_umask(s3_server, registry, tmp_path, request, umask):
+    name = _name(request).replace("[", "-").replace("]", "")
+    previous = os.umask(umask)
+    try:
+        bundle = make_bundle(tmp_path / "written", seed=43)
+        version = registry.register(name, bundle).version
+        pulled = registry.pull(name, version, tmp_path / "pulled")
+    finally:
+        os.umask(previous)
+    for folder in (bundle, pulled):  # not tempfile.mkdtemp's 700 whatever the umask
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
+    assert not list(tmp_path.glob(".*"))  # no partial folder left beside them
+
+
+def test_models_show_says_an_unknown_model_does_not_exist(s3_server, registry, tmp_path, capsys, request):
+    name = _name(request)
+    registry.register(name, make_bundle(tmp_path / "a", seed=42))
+    for ref in ("production", "latest", "20260101T000000.000Z-00000000"):
+        assert main(["models", "show", f"{name}-typo", ref]) == 2  # README: bad input exits 2
+        err = capsys.readouterr().err
+        assert f"model {name}-typo does not exist" in err and "production version yet" not in err
+        known = err.split("known models: ", 1)[1].strip().split(", ")
+        assert name in known and f"{name}-typo" not in known
+    assert main(["models", "show", name]) == 2  # the model exists but nothing is promoted: that is said
+    assert f"model {name} has no production version yet" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

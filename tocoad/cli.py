@@ -115,9 +115,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Score images with a bundle: raw score, normalised score, label and threshold per image."""
-    from components.predict import predict_files
+    from components.predict import heatmap_paths, predict_files
 
-    results = predict_files(Path(args.bundle), [Path(p) for p in args.images], heatmap_dir=args.heatmaps)
+    images = [Path(p) for p in args.images]
+    if args.heatmaps is not None and (old := [t for t in heatmap_paths(images, args.heatmaps) if t.exists()]):
+        print(f"replacing {len(old)} existing heatmap(s) in {args.heatmaps}, e.g. {old[0]}", file=sys.stderr)
+    results = predict_files(Path(args.bundle), images, heatmap_dir=args.heatmaps)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -131,11 +134,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job, end to end from an empty machine: demo data -> dataset registry -> retraining flow.
+    """The main job, end to end from an empty machine: demo data -> dataset registry -> retraining flow -> predictor.
 
     The flow validates the images, runs the three stage jobs as local jobs (stage D and the contrastive stage pass
     their input on under the default config, which keeps F frozen), evaluates, registers the candidate and promotes
-    it; the evaluation report is copied to ``OUT/report``.
+    it; the evaluation report is copied to ``OUT/report``. Then the predictor serves the production model on
+    127.0.0.1:8080 (another free port if that one is taken) and answers a few demo images.
     """
     from components.demo_data import make_demo_dataset
     from storage.datasets import DatasetRegistry
@@ -144,13 +148,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     data = out / "data"
-    if not (data / "train").exists():
-        print(f"making demo data in {data}")
-        make_demo_dataset(data, seed=0)
+    print(f"making demo data in {data}")  # again each time (seconds): an earlier demo's data may be older
+    make_demo_dataset(data, seed=0)
     config = config_dict(args.config, args.set)
-    # The demo images are 128 px; training at that size keeps the demo to a few minutes on a laptop CPU.
-    if "data.image_size" not in config and not args.config:
-        config.update({"data.image_size": 128, "generator.max_scale": 5})
     store = _store()
     version = DatasetRegistry(store).push(data, "demo", note="tocoad demo data")
     print(f"pushed {data} as dataset demo@{version} ({store.describe()['endpoint']})")
@@ -167,10 +167,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _print_metrics(metrics: dict) -> None:
+    """The evaluation's metrics, and the confusion counts at the model's threshold."""
     for model in ("tocoad", "discriminator"):
         if model in metrics:
             vals = "  ".join(f"{k}={v:.2f}" for k, v in metrics[model].items())
             print(f"{model:>13}: {vals}")
+    at = metrics.get("tocoad", {})
+    if "misses_at_threshold" in at and "n_defective" in metrics:
+        defective, good = metrics["n_defective"], metrics["n_test"] - metrics["n_defective"]
+        print(
+            f"at the threshold: {defective - at['misses_at_threshold']} of {defective} defective images found, "
+            f"{at['false_alarms_at_threshold']} false alarm(s) among {good} good images"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,11 +230,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("predict", help="score images")
     sp.add_argument("--bundle", required=True)
     sp.add_argument("images", nargs="+")
-    sp.add_argument("--heatmaps", type=Path, help="save heatmap overlays (PNG) into this folder")
+    sp.add_argument(
+        "--heatmaps",
+        type=Path,
+        help="save heatmap overlays (PNG) into this folder, keeping the images' sub-folders "
+        "below their common folder (test/crack/000.png -> DIR/crack/000_heatmap.png)",
+    )
     sp.add_argument("--json", action="store_true", help="print JSON")
     sp.set_defaults(func=cmd_predict)
 
-    sp = sub.add_parser("demo", help="make demo data, train, evaluate (the main job)")
+    sp = sub.add_parser(
+        "demo",
+        help="the main job: demo data -> S3 registry -> retraining flow -> promoted model served on :8080",
+        description="Make the demo data, push it to the local S3 registry, run the retraining flow (validate, "
+        "train, evaluate, register, promote) and start the predictor on the promoted model (127.0.0.1:8080), "
+        "which answers a few demo requests. The S3 server and the predictor keep running; the demo prints "
+        "how to stop them.",
+    )
     sp.add_argument("--out", default="runs/demo", help="working folder (default runs/demo)")
     with_config(sp)
     sp.set_defaults(func=cmd_demo)

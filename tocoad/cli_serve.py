@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Serve a registry model (its production alias by default), a storage URI, or a local bundle."""
-    from serving.server import serve
+    """Serve a registry model (its production alias by default), a storage URI, or a local bundle.
 
+    A local bundle path is checked before the server stack is imported (that takes seconds), so a typo fails
+    at once with exit 2.
+    """
     os.environ.setdefault("TOCOAD_S3_ROLE", "predictor")  # least privilege: read models only
     if args.bundle:
+        if not Path(args.bundle).exists():
+            raise FileNotFoundError(f"--bundle {args.bundle}: the path does not exist")
+        if not Path(args.bundle).is_dir():
+            raise NotADirectoryError(f"--bundle {args.bundle}: not a folder (a bundle is a folder)")
         uri = str(args.bundle)
     elif args.storage_uri or os.environ.get("STORAGE_URI"):
         uri = args.storage_uri or os.environ["STORAGE_URI"]
@@ -24,6 +31,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(
             "say what to serve: --model NAME, --storage-uri s3://models/NAME/VERSION, or --bundle DIR"
         )
+    from serving.server import serve
+
     serve(uri, name=args.model_name, host=args.host, port=args.port)
     return 0
 

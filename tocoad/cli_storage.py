@@ -138,7 +138,8 @@ def announce_dataset(name: str, version: str) -> None:
 
 def cmd_data_list(args: argparse.Namespace) -> int:
     """List datasets and their versions; a version whose files do not match its manifest shows as damaged."""
-    from storage.datasets import DatasetRegistry
+    from components.datasets import is_mask
+    from storage.datasets import DatasetRegistry, manifest_files
 
     reg = DatasetRegistry(_store())
     for name in [args.name] if args.name else reg.names():
@@ -149,9 +150,10 @@ def cmd_data_list(args: argparse.Namespace) -> int:
             else:
                 status = reg.get_extra(name, version, "status.json")
                 state = json.loads(status)["state"] if status else "-"
+            masks = sum(map(is_mask, manifest_files(m)))
             print(
-                f"{name}\t{version}\t{m.get('count')} images\t{m.get('bytes', 0) / 1e6:.1f} MB\t{state}\t"
-                f"{m.get('note', '')}"
+                f"{name}\t{version}\t{len(manifest_files(m)) - masks} images, {masks} masks\t"
+                f"{m.get('bytes', 0) / 1e6:.1f} MB\t{state}\t{m.get('note', '')}"
             )
     return 0
 

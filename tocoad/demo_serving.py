@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import secrets
+import shlex
 import socket
 import subprocess
 import sys
@@ -12,7 +14,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from serving.control import control_headers
+from serving.control import TOKEN_FILE_ENV, control_headers
+from storage.settings import tocoad_home
 
 SHOWN = ("tocoad_predictions_total", "tocoad_defect_rate", "tocoad_model_info", "tocoad_drift_window_images",
          "tocoad_request_errors_total")  # fmt: skip
@@ -28,9 +31,20 @@ def _port(preferred: int = 8080) -> int:
             return s.getsockname()[1]
 
 
+def _token_file() -> Path:
+    """The control token of the demo's predictor, made once beside the local S3 server's data (mode 600): a later
+    demo reads it to tell the running predictor to reload."""
+    path = tocoad_home() / "demo" / "control-token"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as fh:
+            fh.write(secrets.token_urlsafe(32))
+    return path
+
+
 def _call(url: str, body: dict | None = None, timeout: float = 60) -> str:
     data = None if body is None else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json", **control_headers()}
+    headers = {"Content-Type": "application/json", **control_headers(str(_token_file()))}
     req = urllib.request.Request(url, data=data, headers=headers)
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return resp.read().decode()
@@ -39,24 +53,34 @@ def _call(url: str, body: dict | None = None, timeout: float = 60) -> str:
 def serve_and_probe(model: str, data: Path, out: Path) -> str:
     """Start ``tocoad serve --model`` in the background (it keeps serving), score demo test images, print metrics.
 
-    A predictor left on port 8080 by an earlier demo is reused: it is told to reload the production version.
+    A predictor left on port 8080 by an earlier demo is reused: it is told to reload the production version,
+    with the control token the demo gave it (:func:`_token_file`).
     """
+    url = "http://127.0.0.1:8080"
     try:
-        _call("http://127.0.0.1:8080/v2/models/tocoad/ready", timeout=2)
-        url = "http://127.0.0.1:8080"
-        reloaded = json.loads(
-            _call(f"{url}/v2/models/tocoad/reload", {"storage_uri": f"s3://models/{model}/production"})
-        )
-        print(f"\npredictor already running at {url}: reloaded {reloaded['version']}")
-        return _probe(url, data, "already running")
-    except (OSError, ValueError, KeyError):
-        pass
+        _call(f"{url}/v2/models/tocoad/ready", timeout=2)
+    except OSError:
+        pass  # nothing of ours answers there: start a predictor
+    else:
+        try:
+            body = {"storage_uri": f"s3://models/{model}/production"}
+            reloaded = json.loads(_call(f"{url}/v2/models/tocoad/reload", body))
+        except (OSError, ValueError, KeyError) as exc:
+            print(
+                f"\na predictor at {url} refused to reload ({exc}): not an earlier demo's; starting another"
+            )
+        else:
+            print(f"\npredictor already running at {url} (an earlier demo's): reloaded {reloaded['version']}")
+            _probe(url, data)
+            _stop_hint(_pid_file().read_text().strip() if _pid_file().is_file() else "<its pid>")
+            return url
     port = _port()
     url = f"http://127.0.0.1:{port}"
     log = open(out / "predictor.log", "w")  # noqa: SIM115 - handed to the server process
     proc = subprocess.Popen([sys.executable, "-m", "tocoad.cli", "serve", "--model", model, "--port", str(port)],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "TOCOAD_SERVE_DRIFT_MIN_IMAGES": "4"})  # fmt: skip
+                            env={**os.environ, "TOCOAD_SERVE_DRIFT_MIN_IMAGES": "4",
+                                 TOKEN_FILE_ENV: str(_token_file())})  # fmt: skip
     deadline = time.monotonic() + 180
     while True:
         if proc.poll() is not None:
@@ -69,15 +93,38 @@ def serve_and_probe(model: str, data: Path, out: Path) -> str:
                 raise RuntimeError(f"the predictor did not get ready; see {out / 'predictor.log'}") from None
             time.sleep(0.5)
     print(f"\npredictor: {url} (pid {proc.pid}, serving {model} production; log {out / 'predictor.log'})")
-    return _probe(url, data, f"kill {proc.pid}")
+    _probe(url, data)
+    if port == 8080:  # the one a later demo reuses
+        _pid_file().write_text(f"{proc.pid}\n")
+    _stop_hint(str(proc.pid))
+    return url
 
 
-def _probe(url: str, data: Path, stop_hint: str) -> str:
-    """Two good and two defective demo test images through V1; print the answers and the metrics."""
-    paths = (
-        sorted((data / "test" / "good").glob("*.png"))[:2]
-        + sorted(p for p in (data / "test").rglob("*.png") if p.parent.name != "good")[:2]
-    )
+def _pid_file() -> Path:
+    return _token_file().with_name("predictor.pid")
+
+
+def _stop_hint(pid: str) -> None:
+    print(f"the predictor and the S3 server keep running; stop them with:\n  kill {pid}\n"
+          f"  {tocoad_command()} storage down")  # fmt: skip
+
+
+def tocoad_command() -> str:
+    """``tocoad`` as a user can run it from this shell without activating the venv: the script beside this
+    Python (``.venv/bin/tocoad`` when below the working folder), else ``python -m tocoad.cli``."""
+    script = Path(sys.executable).parent / "tocoad"
+    if not script.is_file():
+        return f"{shlex.quote(sys.executable)} -m tocoad.cli"
+    try:
+        return shlex.quote(str(script.relative_to(Path.cwd())))
+    except ValueError:
+        return shlex.quote(str(script))
+
+
+def _probe(url: str, data: Path) -> None:
+    """Two good demo test images and the first of each defect type through V1; print the answers and metrics."""
+    folders = sorted(d for d in (data / "test").iterdir() if d.is_dir() and d.name != "good")
+    paths = sorted((data / "test" / "good").glob("*.png"))[:2] + [sorted(d.glob("*.png"))[0] for d in folders]
     body = {"instances": [{"image": {"b64": base64.b64encode(p.read_bytes()).decode()}} for p in paths]}
     predictions = json.loads(_call(f"{url}/v1/models/tocoad:predict", body))["predictions"]
     for path, pred in zip(paths, predictions, strict=True):
@@ -88,6 +135,3 @@ def _probe(url: str, data: Path, stop_hint: str) -> str:
     for line in metrics.splitlines():
         if line.startswith(SHOWN):
             print(f"  {line}")
-    if stop_hint.startswith("kill"):
-        print(f"stop the predictor with: {stop_hint}   (and the S3 server with: tocoad storage down)")
-    return url
