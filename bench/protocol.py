@@ -116,6 +116,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         "frozen F, PatchCore's density-reweighted image score",
         ["contrastive.enabled=false", "bank.reweight=true"],
     ),
+    "random5": (
+        "frozen F, 5 % random subsample instead of the coreset (the paper's ablation)",
+        ["contrastive.enabled=false", "bank.coreset_ratio=0.05", "bank.coreset_method=random"],
+    ),
     "coreset5": ("frozen F, 5 % coreset", ["contrastive.enabled=false", "bank.coreset_ratio=0.05"]),
     "coreset10": ("frozen F, 10 % coreset", ["contrastive.enabled=false", "bank.coreset_ratio=0.1"]),
 }
@@ -130,6 +134,7 @@ FROZEN_VARIANTS = {
     "reweight",
     "coreset5",
     "coreset10",
+    "random5",
 }  # nothing to train
 STAGE2_VARIANTS = {
     name for name, (_, overrides) in VARIANTS.items() if "contrastive.enabled=true" in overrides

@@ -202,6 +202,11 @@ class BankConfig(_Section):
         "under the seed protocol better maps on tire, screw and capsules and no loss on any of the four dev sets, "
         "for about 5x the bank-build time (bench/RESULTS.md section 8.3).",
     )
+    coreset_method: Literal["greedy", "random"] = Field(
+        "greedy",
+        description="How the bank's patches are picked: greedy = k-center coreset (PatchCore); random = a uniform "
+        "sample of the same size, the paper's ablation (bench/RESULTS.md section 8.4), not for production.",
+    )
     projection_dim: int = Field(
         0,
         ge=0,

@@ -57,10 +57,16 @@ def coreset_indices(
     n: int | None = None,
 ) -> np.ndarray:
     """Sorted row indices of the greedy coreset of ``embeddings`` (float32 ``[M, C]``): ``bank.coreset_ratio`` of
-    the rows (or ``n`` of them), at least one, continuing from the centres ``initial`` when given."""
+    the rows (or ``n`` of them), at least one, continuing from the centres ``initial`` when given. With
+    ``bank.coreset_method="random"`` the rows beyond ``initial`` are a uniform sample drawn with ``seed``."""
     n = max(1, round(len(embeddings) * bank.coreset_ratio)) if n is None else n
     if n >= len(embeddings):
         return np.arange(len(embeddings))
+    if bank.coreset_method == "random":
+        keep = np.asarray([] if initial is None else initial, dtype=np.int64)
+        rest = np.setdiff1d(np.arange(len(embeddings)), keep)
+        drawn = np.random.default_rng(seed).choice(rest, size=max(0, n - len(keep)), replace=False)
+        return np.sort(np.concatenate([keep, drawn]))
     idx = greedy_coreset(
         embeddings,
         n=n,

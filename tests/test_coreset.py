@@ -160,3 +160,28 @@ def test_continuing_from_initial_centres():
     for bad in ([1, 1], [400], list(range(41))):
         with pytest.raises(ValueError, match="initial"):
             greedy_coreset(x, n=40, initial=np.array(bad))
+
+
+def test_random_subsample_ablation_keeps_initial_rows_and_covers_worse():
+    """bank.coreset_method=random (the paper's ablation): same size, seeded, keeps the surviving centres when a
+    fold bank is refilled, and covers the points worse than the greedy on clustered data."""
+    from components.config import BankConfig
+    from components.memory_bank import coreset_indices
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(size=(900, 8)), rng.normal(loc=8, size=(12, 8))]).astype(np.float32)
+    greedy = coreset_indices(x, BankConfig(coreset_ratio=0.02), seed=1, progress=False)
+    random = coreset_indices(
+        x, BankConfig(coreset_ratio=0.02, coreset_method="random"), seed=1, progress=False
+    )
+    assert len(random) == len(greedy) == 18 and len(np.unique(random)) == 18
+    again = coreset_indices(
+        x, BankConfig(coreset_ratio=0.02, coreset_method="random"), seed=1, progress=False
+    )
+    np.testing.assert_array_equal(random, again)
+    assert covering_radius(x, random) > 1.5 * covering_radius(x, greedy)
+    initial = np.array([3, 5, 905])
+    refill = coreset_indices(
+        x, BankConfig(coreset_method="random"), seed=2, progress=False, initial=initial, n=10
+    )
+    assert len(refill) == 10 and set(initial) <= set(refill.tolist())
