@@ -92,6 +92,23 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         "fine-tuned F blocks, geometric views only",
         [*STAGE2, *GUIDE, "contrastive.mode=finetune", "contrastive.photometric=false"],
     ),
+    # the paper's ablations of the two-stage model (finetune): one stage only, another generator, no SimSiam
+    "finetune_c_only": (
+        "fine-tuned F without D (stage C only: SimSiam and proximity, no guide)",
+        [*STAGE2, "contrastive.mode=finetune", "contrastive.guide=false"],
+    ),
+    "finetune_cutpaste": (
+        "fine-tuned F, D and the guide trained on CutPaste anomalies instead of Perlin blends",
+        [*STAGE2, *GUIDE, "contrastive.mode=finetune", "generator.kind=cutpaste"],
+    ),
+    "finetune_rectangle": (
+        "fine-tuned F, D and the guide trained on plain rectangles instead of Perlin blends",
+        [*STAGE2, *GUIDE, "contrastive.mode=finetune", "generator.kind=rectangle"],
+    ),
+    "finetune_no_simsiam": (
+        "fine-tuned F with the guide and proximity but no SimSiam loss",
+        [*STAGE2, *GUIDE, "contrastive.mode=finetune", "contrastive.simsiam_weight=0"],
+    ),
     "zeros": (
         "frozen F, border patches averaged with the zero padding (PatchCore's AvgPool2d)",
         ["contrastive.enabled=false", "bank.border=zeros"],
